@@ -1,0 +1,165 @@
+"""Seconds per MAXL iteration, per method: phase 1 (multi-task step) and meta step (generator update).
+
+    python bench/bench_maxl.py [--methods single,human,maxl,maxl_first_order,reference] [--batch-size 100]
+                               [--image-size 32] [--width 1.0] [--device cpu|cuda] [--iters 5]
+
+Prints one JSON line per method. Each method runs in its own process so that peak memory is its own.
+`reference` times the reference implementation's procedure (spec maxl.md §3), written here with this
+project's models: COSSIM on every phase-1 iteration (two extra backward passes), generator forward with
+autograd in phase 1 (its backward wasted), and a meta step that takes the inner gradient with
+create_graph=True and back-propagates the post-step loss into every leaf; NCHW layout. It is the yardstick for
+the speed target (maxl pair time <= 0.65 x reference).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build_job(method: str, args, channels_last: bool):
+    from hydra import compose, initialize_config_dir
+
+    from dataset.hierarchical import HierarchicalData
+    from engine import CONFIG_DIR, Session
+    from methods.maxl import MaxlJob
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose("maxl_train", overrides=[f"method={method}", f"model.width_mult={args.width}",
+                                               f"batch_size={args.batch_size}", f"device={args.device}",
+                                               f"channels_last={channels_last}", "num_workers=0",
+                                               "dataset=cifar100", "cossim_every=50"])
+    rng = np.random.default_rng(0)
+    n, size = args.batch_size, args.image_size
+    fine = rng.integers(0, 100, n)
+    from dataset.cifar100 import hierarchy_labels
+
+    labels = hierarchy_labels(fine // 5, fine)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    data = HierarchicalData("bench", images, labels, images, labels)
+    session = Session(cfg, Path(tempfile.mkdtemp()), "maxl_train")
+    job = MaxlJob(cfg, data, session)
+    x, targets, _ = next(iter(job.train_loader))
+    return job, session.to_device(x), targets.to(session.device)
+
+
+def reference_steps(job, x, targets):
+    """The reference's phase-1 and meta iterations (see the module docstring)."""
+    from torch.func import functional_call
+
+    from methods.losses import focal_loss, negative_batch_entropy
+    from methods.maxl import batch_statistics
+
+    model, generator, gamma, y = job.model, job.generator, job.cfg.focal_gamma, targets[:, 0]
+    params = dict(model.named_parameters())
+    shared = model.shared_parameters()
+
+    def phase1():
+        job.optimizer.zero_grad()
+        job.gen_optimizer.zero_grad()
+        pri, aux = model(x)
+        soft = generator(x, y)
+        pri_loss = focal_loss(pri.log_softmax(1), y, gamma)
+        aux_loss = focal_loss(aux.log_softmax(1), soft, gamma)
+        torch.autograd.grad(pri_loss, shared, retain_graph=True)
+        torch.autograd.grad(aux_loss, shared, retain_graph=True)
+        (pri_loss + aux_loss).backward()
+        job.optimizer.step()
+
+    def meta():
+        job.optimizer.zero_grad()
+        job.gen_optimizer.zero_grad()
+        pri, aux = model(x)
+        soft = generator(x, y)
+        inner = focal_loss(pri.log_softmax(1), y, gamma) + focal_loss(aux.log_softmax(1), soft, gamma)
+        grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
+        fast = {n: p - job.cfg.lr * g for (n, p), g in zip(params.items(), grads)}
+        with batch_statistics(model):
+            after = functional_call(model, fast, (x,))[0]
+        (focal_loss(after.log_softmax(1), y, gamma) + job.cfg.entropy_weight * negative_batch_entropy(soft)).backward()
+        job.gen_optimizer.step()
+
+    return phase1, meta
+
+
+def timed(step, device, iters: int) -> float:
+    step()  # warm-up (allocator, oneDNN/cuDNN plans)
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
+    return statistics.median(times)
+
+
+def measure(method: str, args) -> dict:
+    torch.manual_seed(0)
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    reference = method == "reference"
+    job, x, targets = build_job("maxl" if reference else method, args, channels_last=not reference)
+    device = job.session.device
+    if reference:
+        phase1, meta = reference_steps(job, x, targets)
+    else:
+        phase1 = lambda: job.multitask_step(x, targets, with_cossim=False)  # noqa: E731
+        meta = (lambda: job.generator_step(x, targets)) if job.learns_labels else None  # noqa: E731
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    result = {"method": method, "phase1_s": round(timed(phase1, device, args.iters), 4)}
+    result["meta_s"] = round(timed(meta, device, args.iters), 4) if meta else None
+    result["pair_s"] = round(result["phase1_s"] + (result["meta_s"] or 0), 4)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"  # bytes; CPU: growth of the peak RSS (KiB)
+            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) * 1024)
+    result["peak_mem_mb"] = round(peak / 2**20, 1)
+    result |= {"batch_size": args.batch_size, "image_size": args.image_size, "width": args.width,
+               "device": str(device), "threads": torch.get_num_threads()}
+    return result
+
+
+def main():
+    parser = argparse.ArgumentParser(description="MAXL iteration benchmark")
+    parser.add_argument("--methods", default="single,human,maxl,maxl_first_order,reference")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one, args)))
+        return
+    results = []
+    for method in args.methods.split(","):
+        command = [sys.executable, __file__, "--one", method] + [a for a in sys.argv[1:] if not a.startswith("--methods")]
+        if "--methods" in sys.argv:
+            index = sys.argv.index("--methods")
+            command = [sys.executable, __file__, "--one", method] + sys.argv[1:index] + sys.argv[index + 2:]
+        output = subprocess.run(command, check=True, capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONWARNINGS="ignore")).stdout
+        results.append(json.loads(output.strip().splitlines()[-1]))
+        print(json.dumps(results[-1]), flush=True)
+    by_method = {r["method"]: r for r in results}
+    if "maxl" in by_method and "reference" in by_method:
+        print(json.dumps({"maxl_pair_over_reference": round(by_method["maxl"]["pair_s"] / by_method["reference"]["pair_s"], 3),
+                          "phase1_over_single": round(by_method["maxl"]["phase1_s"] / by_method["single"]["phase1_s"], 3)
+                          if "single" in by_method else None}))
+
+
+if __name__ == "__main__":
+    main()

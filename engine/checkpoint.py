@@ -1,0 +1,73 @@
+"""Checkpoints: written atomically, loaded with `weights_only=True`, found by name or path."""
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.errors import UserError
+
+
+def save_checkpoint(path: Path, payload: dict) -> None:
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fix: str) -> dict:
+    """Load a checkpoint written by `save_checkpoint`; `fix` tells the user what to do if it is unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist: {fix}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({reason}): {fix}") from None
+    if not isinstance(payload, dict) or "state" not in payload or "config" not in payload:
+        raise UserError(f"checkpoint {path} was not written by metalabel (no 'state'/'config'): {fix}")
+    return payload
+
+
+def resolve_checkpoint(name_or_path: str, directory: Path, key: str, produced_by: str) -> Path:
+    """A checkpoint given as a path, or as a run name under `directory` (`<name>/best.pt`)."""
+    if not name_or_path:
+        raise UserError(f"{key} is not set: give the run name or .pt path of a checkpoint written by {produced_by}")
+    given = Path(str(name_or_path)).expanduser()
+    candidates = [given, given / "best.pt", Path(directory) / given / "best.pt", Path(directory) / given]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise UserError(
+        f"{key}={name_or_path}: no checkpoint at {given} or {Path(directory) / given / 'best.pt'}; "
+        f"run {produced_by} first or give the path of its .pt file"
+    )
+
+
+def capture_rng_state() -> dict:
+    """Every RNG a training epoch draws from, in a form `torch.load(weights_only=True)` accepts."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,120 @@
+"""The epoch loop every training script runs: metrics, checkpoints (`last`, best per monitor), resume."""
+import json
+import logging
+import math
+import time
+
+from omegaconf import OmegaConf
+
+from engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from engine.errors import UserError
+from engine.metrics import MetricsWriter
+
+log = logging.getLogger("metalabel")
+
+# Keys that may differ between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "progress", "device", "num_workers", "workspace",
+                     "data_dir", "checkpoint_dir"}
+
+
+class TrainingJob:
+    """What a script trains. The engine calls `train_epoch` then `evaluate` once per epoch.
+
+    monitors: checkpoint name -> metric key; the checkpoint `<name>.pt` is written whenever that metric
+    reaches a new maximum.
+    """
+
+    monitors: dict[str, str] = {}
+
+    def state_objects(self) -> dict:
+        """Everything with `state_dict()`/`load_state_dict()` that a checkpoint must hold (models, optimisers...)."""
+        raise NotImplementedError
+
+    def train_epoch(self, epoch: int) -> dict:
+        raise NotImplementedError
+
+    def evaluate(self, epoch: int) -> dict:
+        return {}
+
+    def summarize(self, history: list[dict]) -> dict:
+        return {}
+
+
+def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict) -> dict:
+    return {
+        "script": session.script,
+        "epoch": epoch,
+        "config": OmegaConf.to_yaml(session.cfg, resolve=True),
+        "state": {name: obj.state_dict() for name, obj in job.state_objects().items()},
+        "rng": capture_rng_state(),
+        "history": history,
+        "best": best,
+    }
+
+
+def _check_same_run(saved_yaml: str, cfg, path) -> None:
+    saved = OmegaConf.to_container(OmegaConf.create(saved_yaml))
+    current = OmegaConf.to_container(cfg, resolve=True)
+    changed = sorted(k for k in set(saved) | set(current)
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if changed:
+        key = changed[0]
+        raise UserError(f"resume=true but {path} was written with {key}={saved.get(key)} (now {current.get(key)}): "
+                        f"use the same settings, or a new name=... to start another run")
+
+
+def _restore(session, job):
+    path = session.checkpoint_dir / "last.pt"
+    payload = load_checkpoint(path, fix="delete it and run with resume=false, or give another name=...")
+    if payload.get("script") != session.script:
+        raise UserError(f"{path} was written by {payload.get('script')}.py, not {session.script}.py: "
+                        f"check name=...")
+    _check_same_run(payload["config"], session.cfg, path)
+    objects = job.state_objects()
+    for name, obj in objects.items():
+        if name not in payload["state"]:
+            raise UserError(f"{path} has no '{name}' state: it was written by another version or method")
+        obj.load_state_dict(payload["state"][name])
+    restore_rng_state(payload["rng"])
+    log.info(f"resumed from {path} after epoch {payload['epoch']}")
+    return payload["epoch"] + 1, payload["history"], payload["best"]
+
+
+def fit(session, job: TrainingJob, epochs: int) -> dict:
+    cfg = session.cfg
+    last_path = session.checkpoint_dir / "last.pt"
+    start, history, best = 0, [], {}
+    if cfg.resume:
+        start, history, best = _restore(session, job)
+    elif last_path.exists() and not cfg.overwrite and session.is_main:
+        raise UserError(f"{last_path} exists from an earlier run: resume=true continues it, overwrite=true "
+                        f"starts again and replaces it, name=... starts a separate run")
+    writer = MetricsWriter(session.run_dir, history) if session.is_main else None
+    for epoch in range(start, epochs):
+        began = time.perf_counter()
+        row = {"epoch": epoch, **job.train_epoch(epoch), **job.evaluate(epoch)}
+        row["time_s"] = round(time.perf_counter() - began, 3)
+        history.append(row)
+        if not session.is_main:
+            continue
+        writer.write(row)
+        log.info(f"epoch {epoch}: " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in row.items() if k != "epoch"))
+        improved = [name for name, key in job.monitors.items()
+                    if key in row and not math.isnan(row[key]) and row[key] > best.get(name, -math.inf)]
+        for name in improved:
+            best[name] = row[job.monitors[name]]
+        payload = checkpoint_payload(session, job, epoch, history, best)
+        for name in improved:
+            save_checkpoint(session.checkpoint_dir / f"{name}.pt", payload)
+        save_checkpoint(last_path, payload)
+    summary = job.summarize(history)
+    if session.is_main:
+        writer.plot()
+        writer.close()
+        summary = {"epochs": len(history), **summary,
+                   "checkpoints": {name: {job.monitors[name]: value} for name, value in best.items()}}
+        (session.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("summary: " + json.dumps(summary))
+        log.info(f"checkpoints: {session.checkpoint_dir}   metrics: {session.run_dir / 'metrics.csv'}")
+    return summary

@@ -1,0 +1,18 @@
+"""Where data and checkpoints live: `$WORKSPACE/metaL_data` and `$WORKSPACE/checkpoint` (the original layout)."""
+import os
+from pathlib import Path
+
+DEFAULT_WORKSPACE = "./workspace"
+
+
+def workspace_root() -> Path:
+    """`$WORKSPACE`, or ./workspace when it is unset (callers print which one is used)."""
+    return Path(os.environ.get("WORKSPACE") or DEFAULT_WORKSPACE).expanduser().resolve()
+
+
+def data_root() -> Path:
+    return workspace_root() / "metaL_data"
+
+
+def checkpoint_root() -> Path:
+    return workspace_root() / "checkpoint"

@@ -1,0 +1,17 @@
+"""MAXL and its baselines: `python maxl_train.py method=single|human|random|maxl|maxl_first_order [key=value ...]`."""
+from dataset.hierarchical import load_hierarchical
+from engine import hydra_main
+from methods.maxl import MaxlJob
+
+
+@hydra_main("maxl_train")
+def main(cfg, session):
+    data = load_hierarchical(cfg.dataset)
+    job = MaxlJob(cfg, data, session)
+    session.log.info(f"{cfg.method}: psi={job.task.psi}, {len(data.train_images)} training and "
+                     f"{len(data.test_images)} test images")
+    return session.fit(job, cfg.epochs)
+
+
+if __name__ == "__main__":
+    main()

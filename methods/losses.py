@@ -1,0 +1,44 @@
+"""MAXL's losses, on log-probabilities from log_softmax (never log(p + eps) of a softmax output)."""
+import torch
+import torch.nn.functional as F
+
+
+def focal_weights(log_probs: torch.Tensor, gamma: float) -> torch.Tensor:
+    """-(1 - p)^gamma * log p, per sample and class."""
+    return -(1 - log_probs.exp()).pow(gamma) * log_probs
+
+
+def focal_loss(log_probs: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Batch mean of sum_k t_k (1 - p_k)^gamma (-log p_k); `target` is class ids or a soft distribution.
+
+    The loss is linear in a soft target, so its gradient with respect to the target is `focal_weights / B`.
+    """
+    if target.dtype in (torch.int64, torch.int32):
+        target = F.one_hot(target, log_probs.shape[1]).to(log_probs.dtype)
+    return (target * focal_weights(log_probs, gamma)).sum(1).mean()
+
+
+def soft_target_gradient(logits: torch.Tensor, gamma: float) -> torch.Tensor:
+    """d focal_loss(log_softmax(logits), t) / d t, which does not depend on t."""
+    return focal_weights(logits.log_softmax(1), gamma) / logits.shape[0]
+
+
+def negative_batch_entropy(soft_labels: torch.Tensor) -> torch.Tensor:
+    """sum_k m_k log m_k of the batch-mean label distribution m: minimising it spreads the batch over every
+    auxiliary class (MAXL's anti-collapse regulariser). Classes absent from the batch (m_k = 0, exactly, since
+    the masked softmax gives exact zeros) contribute 0 with a finite gradient: log is taken of max(m, tiny)."""
+    mean = soft_labels.mean(0)
+    return (mean * mean.clamp_min(torch.finfo(mean.dtype).tiny).log()).sum()
+
+
+def sample_entropy(soft_labels: torch.Tensor) -> torch.Tensor:
+    """Entropy of each sample's label distribution (how soft the generated labels are)."""
+    return -torch.special.xlogy(soft_labels, soft_labels).sum(1)
+
+
+def gradient_cosine(grads_a, grads_b) -> torch.Tensor:
+    """MAXL's COSSIM diagnostic: each gradient tensor reshaped to [dim0, -1], cosine per row, averaged per tensor,
+    then over tensors. (For 1-d tensors a row is one number, so its cosine is the sign agreement.)"""
+    per_tensor = [F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=1).mean()
+                  for a, b in zip(grads_a, grads_b)]
+    return torch.stack(per_tensor).mean()

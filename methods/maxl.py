@@ -1,0 +1,333 @@
+"""MAXL (Liu, Davison, Johns 2019) and its baselines, trained by the shared engine.
+
+Each epoch: (1) a full pass updating the multi-task net on the primary and auxiliary losses; for the label
+learning methods (2) a full pass of meta-updates of the label generator on a new shuffle of the same training
+data; then (3) a test pass. Methods:
+  single           primary head only;
+  human            auxiliary targets = the true finer-level labels, placed in the psi blocks MAXL uses;
+  random           auxiliary targets = a fixed random class inside each image's psi block (seeded);
+  maxl             auxiliary targets from the label generator, meta-learned with the exact second-order gradient;
+  maxl_first_order the same with the finite-difference (DARTS-style) approximation of that gradient.
+"""
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from sklearn.metrics import normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
+from torch.func import functional_call, jvp
+
+from dataset.hierarchical import HierarchicalData, ImageDataset, image_transform
+from engine.errors import UserError
+from engine.metrics import MeanTracker
+from engine.trainer import TrainingJob
+from methods.losses import (focal_loss, gradient_cosine, negative_batch_entropy, sample_entropy,
+                            soft_target_gradient)
+from models import create_model
+
+# torch's forward-mode AD loads its decompositions through the deprecated torch.jit.script, once, and says so.
+warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
+
+METHODS = ("single", "human", "random", "maxl", "maxl_first_order")
+LABEL_LEARNING = ("maxl", "maxl_first_order")
+
+
+# ---- the auxiliary task: psi and auxiliary targets ---------------------------------------------------------
+
+@dataclass
+class AuxiliaryTask:
+    """Primary labels and the auxiliary label space: primary class i owns aux classes [offset[i], offset[i]+psi[i])."""
+
+    psi: list[int]
+    primary_column: int
+    auxiliary_column: int | None  # None for a dataset with a single label level
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.psi)[:-1]]).astype(np.int64)
+
+    def human_targets(self, labels: np.ndarray) -> np.ndarray:
+        """The true auxiliary-level class of each image, as its position inside its primary class's block."""
+        primary, auxiliary = labels[:, self.primary_column], labels[:, self.auxiliary_column]
+        position = {}
+        for parent in range(len(self.psi)):
+            for rank, child in enumerate(np.unique(auxiliary[primary == parent])):
+                position[child] = rank
+        return self.offsets[primary] + np.vectorize(position.get)(auxiliary)
+
+    def random_targets(self, labels: np.ndarray, seed: int) -> np.ndarray:
+        """One fixed random auxiliary class per image, uniform inside its primary class's block."""
+        primary = labels[:, self.primary_column]
+        draws = np.random.default_rng(seed).random(len(primary))
+        return self.offsets[primary] + (draws * np.asarray(self.psi)[primary]).astype(np.int64)
+
+
+def _children_per_parent(data: HierarchicalData, primary_column: int, auxiliary_column: int, levels: str):
+    labels = np.concatenate([data.train_labels, data.test_labels])
+    pairs = np.unique(labels[:, [primary_column, auxiliary_column]], axis=0)
+    parents_of_child = np.bincount(pairs[:, 1])
+    if (parents_of_child > 1).any():
+        child = int(np.argmax(parents_of_child > 1))
+        raise UserError(f"{levels}: auxiliary class {child} falls under several primary classes, so psi cannot "
+                        f"be derived from the hierarchy; give psi=[...] explicitly (method=human needs nesting)")
+    return np.bincount(pairs[:, 0], minlength=data.level_sizes[primary_column]).tolist()
+
+
+def auxiliary_task(data: HierarchicalData, cfg) -> AuxiliaryTask:
+    """Resolve primary/auxiliary levels and psi (derived from the hierarchy, or given and validated)."""
+    primary_column = data.level_column(cfg.primary_level, "primary_level")
+    n_primary = data.level_sizes[primary_column]
+    auxiliary_column = None
+    if cfg.auxiliary_level is not None:
+        auxiliary_column = data.level_column(cfg.auxiliary_level, "auxiliary_level")
+    levels = f"dataset {data.name}, primary_level={cfg.primary_level}, auxiliary_level={cfg.auxiliary_level}"
+    derived = None
+    if auxiliary_column is not None and cfg.auxiliary_level > cfg.primary_level:
+        derived = _children_per_parent(data, primary_column, auxiliary_column, levels)
+    if cfg.method == "human" and derived is None:
+        raise UserError(f"method=human needs an auxiliary level finer than the primary one ({levels}); "
+                        f"levels of {data.name}: {data.level_sizes}")
+    if cfg.psi is None:
+        if derived is None and cfg.method != "single":
+            raise UserError(f"{levels}: psi cannot be derived (no finer auxiliary level); give psi=K "
+                            f"(K auxiliary classes per primary class) or psi=[k1,...,k{n_primary}]")
+        psi = derived or [1] * n_primary
+    elif isinstance(cfg.psi, int):
+        psi = [cfg.psi] * n_primary
+    else:
+        psi = [int(k) for k in cfg.psi]
+    if len(psi) != n_primary:
+        raise UserError(f"psi has {len(psi)} entries but the primary level has {n_primary} classes: give one "
+                        f"count per primary class")
+    if min(psi) < 1:
+        raise UserError(f"psi[{psi.index(min(psi))}]={min(psi)}: every primary class needs at least one "
+                        f"auxiliary class")
+    if cfg.method == "human" and psi != derived:
+        raise UserError(f"method=human takes psi from the hierarchy ({derived}); drop the explicit psi")
+    return AuxiliaryTask(psi, primary_column, auxiliary_column)
+
+
+# ---- the meta-gradient -------------------------------------------------------------------------------------
+
+@contextmanager
+def batch_statistics(model: nn.Module):
+    """Batch norm normalises with batch statistics and leaves the running statistics untouched (virtual steps)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, gamma: float,
+                  first_order: bool = False, fd_epsilon: float = 0.01):
+    """MAXL's generator gradient on one batch, and the primary loss/accuracy before and after the virtual step.
+
+    Objective: L_pri(theta1+) + entropy_weight * sum(m log m), with theta1+ = theta1 - alpha * grad L(theta1),
+    L = L_pri + L_aux(generated labels). The generator (theta2) reaches theta1+ only through the soft targets t
+    of L_aux, so by the chain rule
+
+        d L_pri(theta1+) / d t = -alpha * d/d eps [d L_aux(theta1 + eps v, t) / d t]_{eps=0},  v = grad L_pri(theta1+),
+
+    a mixed second derivative that forward-mode AD (`jvp`) gives exactly, at the cost of one forward pass with
+    tangents, instead of a double backward through a `create_graph=True` gradient. `first_order` replaces the
+    jvp by the reference's central finite difference with eps = fd_epsilon / ||v||. The entropy term's gradient
+    is applied in both variants (the reference's first-order code dropped it).
+
+    The forward at theta1 runs on the real modules in train mode (its running statistics move, as in the
+    reference); the virtual forwards use batch statistics and leave them untouched.
+    """
+    names, params = zip(*model.named_parameters())
+    soft = generator(x, y)
+    targets = soft.detach()
+    pri_logits, aux_logits = model(x)
+    pre_loss = focal_loss(pri_logits.log_softmax(1), y, gamma)
+    inner_grads = torch.autograd.grad(pre_loss + focal_loss(aux_logits.log_softmax(1), targets, gamma), params)
+    fast = {n: (p - alpha * g).detach().requires_grad_() for n, p, g in zip(names, params, inner_grads)}
+    with batch_statistics(model):
+        after_logits = functional_call(model, fast, (x,))[0]
+        after_loss = focal_loss(after_logits.log_softmax(1), y, gamma)
+        direction = torch.autograd.grad(after_loss, list(fast.values()), materialize_grads=True)
+        base = {n: p.detach() for n, p in zip(names, params)}
+
+        def aux_target_gradient(weights):
+            return soft_target_gradient(functional_call(model, weights, (x,))[1], gamma)
+
+        if first_order:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction]))
+            eps = fd_epsilon / norm
+            with torch.no_grad():
+                plus = aux_target_gradient({n: b + eps * d for (n, b), d in zip(base.items(), direction)})
+                minus = aux_target_gradient({n: b - eps * d for (n, b), d in zip(base.items(), direction)})
+            curvature = (plus - minus) / (2 * eps)
+        else:
+            _, curvature = jvp(aux_target_gradient, (base,), (dict(zip(names, direction)),))
+    gen_params = [p for p in generator.parameters()]
+    gen_grads = torch.autograd.grad((soft, entropy_weight * negative_batch_entropy(soft)), gen_params,
+                                    grad_outputs=(-alpha * curvature, None))
+    stats = {"pre_loss": pre_loss.detach(), "pre_acc": (pri_logits.argmax(1) == y).float().mean(),
+             "after_loss": after_loss.detach(), "after_acc": (after_logits.argmax(1) == y).float().mean()}
+    return gen_grads, stats
+
+
+# ---- the training job --------------------------------------------------------------------------------------
+
+def purity(true: np.ndarray, predicted: np.ndarray) -> float:
+    """Share of samples whose predicted cluster's majority true class is their own."""
+    return float(contingency_matrix(true, predicted).max(axis=0).sum() / len(true))
+
+
+class MaxlJob(TrainingJob):
+    monitors = {"best": "test/acc"}
+
+    def __init__(self, cfg, data: HierarchicalData, session):
+        if cfg.method not in METHODS:
+            raise UserError(f"unknown method '{cfg.method}': choose one of {', '.join(METHODS)}")
+        self.cfg, self.session, self.method = cfg, session, cfg.method
+        self.task = auxiliary_task(data, cfg)
+        self.has_auxiliary = self.method != "single"
+        self.learns_labels = self.method in LABEL_LEARNING
+        n_primary = len(self.task.psi)
+        classes = [n_primary, sum(self.task.psi)] if self.has_auxiliary else [n_primary]
+        model_args = dict(backbone=cfg.model.name, width_mult=cfg.model.width_mult)
+        self.model = session.prepare(create_model("multitask", classes=classes, **model_args))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_gamma)
+        if self.learns_labels:
+            self.generator = session.prepare(create_model("label_generator", psi=self.task.psi, **model_args))
+            self.gen_optimizer = torch.optim.SGD(self.generator.parameters(), lr=cfg.gen_lr,
+                                                 weight_decay=cfg.gen_weight_decay)
+            self.gen_scheduler = torch.optim.lr_scheduler.StepLR(self.gen_optimizer, cfg.lr_step, cfg.lr_gamma)
+        self.train_loader = session.loader(self._dataset(data, train=True), cfg.batch_size, shuffle=True)
+        self.test_loader = session.loader(self._dataset(data, train=False), cfg.batch_size, shuffle=False)
+
+    def _dataset(self, data: HierarchicalData, train: bool) -> ImageDataset:
+        """Targets per image: [primary, auxiliary target (-1 if none), true auxiliary-level class (-1 if none)]."""
+        images, labels = (data.train_images, data.train_labels) if train else (data.test_images, data.test_labels)
+        none = np.full(len(labels), -1)
+        auxiliary = {"human": lambda: self.task.human_targets(labels),
+                     "random": lambda: self.task.random_targets(labels, self.cfg.seed) if train else none}
+        aux_target = auxiliary.get(self.method, lambda: none)()
+        true_aux = labels[:, self.task.auxiliary_column] if self.task.auxiliary_column is not None else none
+        targets = np.stack([labels[:, self.task.primary_column], aux_target, true_aux], axis=1)
+        return ImageDataset(images, targets, image_transform(self.cfg.dataset, images.shape[1], train))
+
+    def state_objects(self) -> dict:
+        objects = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+        if self.learns_labels:
+            objects |= {"generator": self.generator, "gen_optimizer": self.gen_optimizer,
+                        "gen_scheduler": self.gen_scheduler}
+        return objects
+
+    def _batches(self, loader, desc):
+        for x, targets, _ in self.session.progress(loader, desc):
+            yield self.session.to_device(x), targets.to(self.session.device, non_blocking=True)
+
+    def train_epoch(self, epoch: int) -> dict:
+        metrics = self._train_multitask(epoch)
+        if self.learns_labels:
+            metrics |= self._train_generator(epoch)
+            self.gen_scheduler.step()
+        self.scheduler.step()
+        return metrics
+
+    def _train_multitask(self, epoch: int) -> dict:
+        tracker = MeanTracker()
+        self.model.train()
+        for step, (x, targets) in enumerate(self._batches(self.train_loader, f"epoch {epoch} multi-task")):
+            for key, value in self.multitask_step(x, targets, with_cossim=step % self.cfg.cossim_every == 0).items():
+                tracker.add(key, value, 1 if key == "train/cossim" else len(x))
+        return tracker.result(self.session)
+
+    def multitask_step(self, x, targets, with_cossim: bool) -> dict:
+        """One SGD step of the multi-task (or single-task) net; returns the batch's metrics as tensors."""
+        gamma, y = self.cfg.focal_gamma, targets[:, 0]
+        outputs = self.model(x)
+        pri_loss = focal_loss(outputs[0].log_softmax(1), y, gamma)
+        metrics = {"train/loss": pri_loss.detach(), "train/acc": (outputs[0].argmax(1) == y).float().mean()}
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.has_auxiliary:
+            if self.learns_labels:
+                with torch.no_grad():  # generated labels are targets here; the generator is not stepped
+                    aux_target = self.generator(x, y)
+            else:
+                aux_target = targets[:, 1]
+                metrics["train/aux_acc"] = (outputs[1].argmax(1) == aux_target).float().mean()
+            aux_loss = focal_loss(outputs[1].log_softmax(1), aux_target, gamma)
+            metrics["train/aux_loss"] = aux_loss.detach()
+            if with_cossim:
+                metrics["train/cossim"] = self._backward_with_cossim(pri_loss, aux_loss)
+            else:
+                (pri_loss + aux_loss).backward()
+        else:
+            pri_loss.backward()
+        self.optimizer.step()
+        return metrics
+
+    def _backward_with_cossim(self, pri_loss, aux_loss) -> torch.Tensor:
+        """Set the gradient of pri_loss + aux_loss from the two separate gradients, and return their COSSIM
+        over the shared (backbone) parameters. Costs one extra backward, every `cossim_every` steps."""
+        params = list(self.model.parameters())
+        pri = torch.autograd.grad(pri_loss, params, retain_graph=True, materialize_grads=True)
+        aux = torch.autograd.grad(aux_loss, params, materialize_grads=True)
+        for p, a, b in zip(params, pri, aux):
+            p.grad = a + b
+        shared = {id(p) for p in self.model.shared_parameters()}
+        pairs = [(a, b) for p, a, b in zip(params, pri, aux) if id(p) in shared]
+        return gradient_cosine(*zip(*pairs)).detach()
+
+    def _train_generator(self, epoch: int) -> dict:
+        tracker = MeanTracker()
+        self.model.train()
+        self.generator.train()
+        for x, targets in self._batches(self.train_loader, f"epoch {epoch} meta"):
+            for key, value in self.generator_step(x, targets).items():
+                tracker.add(f"meta/{key}", value, len(x))
+        return tracker.result(self.session)
+
+    def generator_step(self, x, targets) -> dict:
+        """One meta-update of the label generator; the multi-task net is not updated."""
+        cfg = self.cfg
+        alpha = self.optimizer.param_groups[0]["lr"]  # the virtual step follows the multi-task learning rate
+        grads, stats = meta_gradient(self.model, self.generator, x, targets[:, 0], alpha, cfg.entropy_weight,
+                                     cfg.focal_gamma, first_order=self.method == "maxl_first_order",
+                                     fd_epsilon=cfg.fd_epsilon)
+        for p, g in zip(self.generator.parameters(), grads):
+            p.grad = g
+        self.gen_optimizer.step()
+        return stats
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict:
+        cfg, tracker = self.cfg, MeanTracker()
+        self.model.eval()
+        true_aux, generated = [], []
+        for x, targets in self._batches(self.test_loader, f"epoch {epoch} test"):
+            y = targets[:, 0]
+            outputs = self.model(x)
+            tracker.add("test/loss", focal_loss(outputs[0].log_softmax(1), y, cfg.focal_gamma), len(y))
+            tracker.add("test/acc", (outputs[0].argmax(1) == y).float().mean(), len(y))
+            if self.method == "human":
+                tracker.add("test/aux_acc", (outputs[1].argmax(1) == targets[:, 1]).float().mean(), len(y))
+            if self.learns_labels:
+                soft = self.generator(x, y)
+                tracker.add("gen/entropy", sample_entropy(soft).mean(), len(y))
+                generated.append(soft.argmax(1).cpu())
+                true_aux.append(targets[:, 2].cpu())
+        metrics = tracker.result(self.session)
+        if generated and self.task.auxiliary_column is not None:
+            true, predicted = torch.cat(true_aux).numpy(), torch.cat(generated).numpy()
+            metrics["gen/nmi"] = float(normalized_mutual_info_score(true, predicted))
+            metrics["gen/purity"] = purity(true, predicted)
+        return metrics
+
+    def summarize(self, history: list[dict]) -> dict:
+        accuracies = [row["test/acc"] for row in history]
+        return {"test/acc_best": max(accuracies), "test/acc_last5_mean": float(np.mean(accuracies[-5:])),
+                "test/acc_last": accuracies[-1]}

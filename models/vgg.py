@@ -1,0 +1,35 @@
+"""VGG-16 with batch norm, as MAXL uses it: 13 conv layers in 5 blocks, 512-d features at 32x32."""
+import torch.nn as nn
+
+from models import register_model, scaled
+
+VGG16_BLOCKS = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]  # (channels, 3x3 convs) per block
+
+
+class VGG16(nn.Module):
+    """Conv(3x3, pad 1, bias) -> BN -> ReLU repeated, each block ending in MaxPool(2); then flattened.
+
+    At 32x32 input the last map is 1x1, so the feature is 512 x width_mult (no global pooling, as the original).
+    """
+
+    def __init__(self, width_mult: float = 1.0, in_channels: int = 3):
+        super().__init__()
+        blocks, channels = [], in_channels
+        for width, convs in VGG16_BLOCKS:
+            width = scaled(width, width_mult)
+            layers = []
+            for _ in range(convs):
+                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+                channels = width
+            layers.append(nn.MaxPool2d(2, 2))
+            blocks.append(nn.Sequential(*layers))
+        self.blocks = nn.Sequential(*blocks)
+        self.feat_dim = channels
+
+    def forward(self, x):
+        return self.blocks(x).flatten(1)
+
+
+@register_model("vgg16")
+def vgg16(width_mult: float = 1.0):
+    return VGG16(width_mult)

@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch):
+    """A fresh $WORKSPACE for the test (also for code run in this process)."""
+    path = tmp_path / "workspace"
+    path.mkdir()
+    monkeypatch.setenv("WORKSPACE", str(path))
+    return path
+
+
+def run_script(script: str, *overrides: str, cwd: Path, workspace: Path, timeout: int = 300):
+    """Run a top-level script as a user would; logs go under `cwd`/logs."""
+    env = dict(os.environ, WORKSPACE=str(workspace), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_line_error(result) -> str:
+    """The error line of a failed run; asserts a clean failure (exit 1, no traceback)."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
