@@ -39,3 +39,31 @@ download_cifar100: setup
 
 download_cifar10: setup
 	$(PY) -m dataset.cifar100 --download --cifar10
+
+# ---- MeLa data (issue 3) ------------------------------------------------------------------------------------
+# The workspace and the original archives: WORKSPACE defaults to ./workspace (unset or empty; a trailing slash is fine);
+# METALABEL_MIRROR=URL fetches <URL>/<archive>.tar.gz instead of the original figshare addresses.
+MELA_WORKSPACE = $(patsubst %/,%,$(or $(WORKSPACE),./workspace))
+MELA_DATA_DIR = $(MELA_WORKSPACE)/metaL_data
+MELA_DOWNLOADS := download_aircraft download_cu_birds download_vgg_flower download_miniimagenet download_mini60 \
+  download_tieredimagenet download_tiered780
+DOWNLOAD := $(PY) -m dataset.downloads --data-dir "$(MELA_DATA_DIR)" download --mirror "$(METALABEL_MIRROR)"
+
+.PHONY: initialize_workspace download_all $(MELA_DOWNLOADS) unpack_datasets bench_data
+
+initialize_workspace:
+	mkdir -p "$(MELA_DATA_DIR)" "$(MELA_WORKSPACE)/checkpoint/label_learn/saves"
+
+download_all: setup
+	$(DOWNLOAD) all
+
+$(MELA_DOWNLOADS): setup
+	$(DOWNLOAD) $(@:download_%=%)
+
+unpack_datasets: setup
+	$(PY) -m dataset.downloads --data-dir "$(MELA_DATA_DIR)" unpack
+
+bench: bench_data   # `make bench` runs this benchmark too
+
+bench_data: setup
+	$(PY) bench/bench_data.py $(BENCH_DATA_ARGS)

@@ -5,6 +5,7 @@ stand-in in the same layout (`synthetic_hier`).
 `$WORKSPACE/metaL_data/cifar-100-python` (also `--cifar10` for CIFAR-10, the flat dataset of the psi sweep).
 """
 import argparse
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -47,7 +48,7 @@ def write_synthetic(directory: Path, train_per_class: int, test_per_class: int, 
     patterns = np.clip(base.repeat(5, axis=0) + rng.normal(0, 40, size=(100, 4, 4, 3)), 0, 255)
     scale = -(-image_size // 4)
     patterns = patterns.repeat(scale, axis=1).repeat(scale, axis=2)[:, :image_size, :image_size]
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for split, per_class in (("train", train_per_class), ("test", test_per_class)):
@@ -61,8 +62,10 @@ def write_synthetic(directory: Path, train_per_class: int, test_per_class: int, 
     with open(tmp / "meta", "wb") as handle:
         pickle.dump({"fine_label_names": [f"fine{i}" for i in range(100)],
                      "coarse_label_names": [f"coarse{i}" for i in range(20)]}, handle)
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+    try:
+        tmp.rename(directory)
+    except OSError:  # another process finished first: its copy is identical
+        shutil.rmtree(tmp)
 
 
 def download(data_dir: Path, cifar10: bool) -> Path:

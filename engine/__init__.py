@@ -1,10 +1,13 @@
 """The shared training engine: Hydra entry point, session (device, seeds, logging, loaders), epoch loop."""
 import functools
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
@@ -14,9 +17,28 @@ from engine.trainer import TrainingJob
 from engine.workspace import workspace_root
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
+RUN_STAMP = "METALABEL_RUN_STAMP"
 
 if not OmegaConf.has_resolver("env_workspace"):
     OmegaConf.register_new_resolver("env_workspace", lambda: str(workspace_root()))
+    # The run directory's time stamp; under torchrun every rank takes rank 0's (see _join_process_group).
+    OmegaConf.register_new_resolver("run_stamp", lambda: os.environ.get(RUN_STAMP)
+                                    or time.strftime("%Y-%m-%d_%H-%M-%S"), use_cache=True)
+
+
+def _join_process_group() -> None:
+    """Under torchrun: join the process group before Hydra starts, so that every rank agrees on one run
+    directory (rank 0's time stamp), and let only rank 0 write Hydra's own files."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or dist.is_initialized():
+        return
+    import torch
+
+    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
+    dist.broadcast_object_list(stamp, src=0)
+    os.environ[RUN_STAMP] = stamp[0]
+    if dist.get_rank() != 0:
+        sys.argv.append("hydra.output_subdir=null")
 
 
 def hydra_main(config_name: str):
@@ -26,7 +48,7 @@ def hydra_main(config_name: str):
     """
 
     def decorate(main):
-        @functools.wraps(main)
+        @functools.wraps(main)  # Hydra names the job (logs/<job>/...) after the script defining `main`
         def task(cfg):
             session = None
             try:
@@ -39,7 +61,14 @@ def hydra_main(config_name: str):
                 if session is not None:
                     session.close()
 
-        return hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base=None)(task)
+        run = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base=None)(task)
+
+        @functools.wraps(main)
+        def entry():
+            _join_process_group()
+            return run()
+
+        return entry
 
     return decorate
 

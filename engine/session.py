@@ -5,6 +5,7 @@ A script builds its parts from the config and a `Session`, then calls `session.f
 import logging
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from engine.distributed import ShardedShuffleSampler, ShardSampler, is_distributed
 from engine.errors import UserError
 from engine.workspace import DEFAULT_WORKSPACE
 
@@ -43,6 +45,21 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto`: bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere (CPU runs are unaffected)."""
+    if name not in ("auto", "fp32", "bf16"):
+        raise UserError(f"precision={name} is not one of auto, fp32, bf16")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return name
+
+
+def resolve_compile(value, device: torch.device) -> bool:
+    if value not in ("auto", True, False):
+        raise UserError(f"compile={value} is not one of auto, true, false")
+    return device.type == "cuda" if value == "auto" else value
+
+
 class Session:
     """One run of a script. `cfg` is the resolved Hydra config; `run_dir` receives config, log and metrics."""
 
@@ -56,33 +73,49 @@ class Session:
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         self.device = resolve_device(cfg.device, self.local_rank)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
-            if self.device.type == "cuda":
-                torch.cuda.set_device(self.device)
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
         self.is_main = self.rank == 0
         if not self.is_main:
             logging.getLogger().setLevel(logging.WARNING)
         self.channels_last = bool(cfg.channels_last)
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.compile_enabled = resolve_compile(cfg.compile, self.device)
         self.checkpoint_dir = Path(cfg.checkpoint_dir) / cfg.name
+        self._epoch_listeners = []  # samplers and task datasets that draw per epoch
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes throughout a run
-        seed_everything(int(cfg.seed))
+        seed_everything(int(cfg.seed))  # the same on every rank: models start identical
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             source = "$WORKSPACE" if os.environ.get("WORKSPACE") else f"WORKSPACE unset, default {DEFAULT_WORKSPACE}"
             log.info(f"workspace: {cfg.workspace} ({source})")
             log.info(f"run directory: {self.run_dir}")
-            log.info(f"device: {self.device}" + (f", {self.world_size} processes" if self.world_size > 1 else ""))
+            log.info(f"device: {self.device}" + (f", {self.world_size} processes" if self.world_size > 1 else "")
+                     + f", precision {self.precision}" + (", compiled" if self.compile_enabled else ""))
 
     # ---- models and batches -------------------------------------------------------------------------
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
-        """Move a model to the run's device (and memory layout)."""
+        """Move a model to the run's device (and memory layout). Checkpoints hold this module's state."""
         module = module.to(self.device)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         return module
+
+    def distribute(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module to train with: DistributedDataParallel over the ranks (gradients averaged in backward),
+        compiled when `compile` is on; the module itself in one process without compile."""
+        if self.world_size > 1:
+            module = torch.nn.parallel.DistributedDataParallel(
+                module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(module) if self.compile_enabled else module
+
+    def autocast(self):
+        """Mixed precision for forward passes when `precision=bf16` (a no-op context in fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.to(self.device, non_blocking=True)
@@ -92,12 +125,32 @@ class Session:
 
     # ---- data -------------------------------------------------------------------------------------------
     def loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False, **kwargs):
-        """A DataLoader whose order and augmentation follow the seeded global RNG (so `resume` is exact)."""
+        """A DataLoader over this rank's share of `dataset`. `batch_size` is the global batch (split over ranks).
+
+        Shuffled loaders draw a fresh permutation on every pass, seeded by (seed, epoch, pass), identical on every
+        rank; augmentation follows the seeded RNG of each worker. Datasets with `set_epoch` are told the epoch.
+        """
+        if batch_size % self.world_size:
+            raise UserError(f"batch size {batch_size} is not divisible by the {self.world_size} processes: "
+                            f"choose a multiple of {self.world_size}")
+        local_batch = batch_size // self.world_size
+        if shuffle:
+            sampler = ShardedShuffleSampler(len(dataset), int(self.cfg.seed), self.rank, self.world_size,
+                                            local_batch, drop_last)
+            self._epoch_listeners.append(sampler)
+        else:
+            sampler = ShardSampler(len(dataset), self.rank, self.world_size)
+        if hasattr(dataset, "set_epoch"):
+            self._epoch_listeners.append(dataset)
         workers = int(self.cfg.num_workers)
         return torch.utils.data.DataLoader(
-            dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=workers,
+            dataset, batch_size=local_batch, sampler=sampler, drop_last=drop_last, num_workers=workers,
             pin_memory=self.device.type == "cuda", worker_init_fn=_seed_worker if workers else None,
             persistent_workers=False, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        for listener in self._epoch_listeners:
+            listener.set_epoch(epoch)
 
     def progress(self, iterable, desc: str, total: int | None = None, leave: bool = False):
         return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True,
@@ -109,6 +162,19 @@ class Session:
 
         return fit(self, job, epochs)
 
+    @contextmanager
+    def main_process_first(self):
+        """Rank 0 runs the block first (e.g. generating data on first use), then the other ranks."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
+    def barrier(self) -> None:
+        if is_distributed():
+            dist.barrier()
+
     def close(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
+        if is_distributed():
             dist.destroy_process_group()

@@ -7,14 +7,16 @@ import time
 from omegaconf import OmegaConf
 
 from engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from engine.distributed import gather_objects
 from engine.errors import UserError
 from engine.metrics import MetricsWriter
+from engine.session import seed_everything
 
 log = logging.getLogger("metalabel")
 
 # Keys that may differ between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "progress", "device", "num_workers", "workspace",
-                     "data_dir", "checkpoint_dir"}
+                     "data_dir", "checkpoint_dir", "compile"}
 
 
 class TrainingJob:
@@ -40,13 +42,13 @@ class TrainingJob:
         return {}
 
 
-def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict) -> dict:
+def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict, rng_states: list) -> dict:
     return {
         "script": session.script,
         "epoch": epoch,
         "config": OmegaConf.to_yaml(session.cfg, resolve=True),
         "state": {name: obj.state_dict() for name, obj in job.state_objects().items()},
-        "rng": capture_rng_state(),
+        "rng": rng_states,  # one entry per rank
         "history": history,
         "best": best,
     }
@@ -70,12 +72,17 @@ def _restore(session, job):
         raise UserError(f"{path} was written by {payload.get('script')}.py, not {session.script}.py: "
                         f"check name=...")
     _check_same_run(payload["config"], session.cfg, path)
-    objects = job.state_objects()
-    for name, obj in objects.items():
+    for name, obj in job.state_objects().items():
         if name not in payload["state"]:
             raise UserError(f"{path} has no '{name}' state: it was written by another version or method")
         obj.load_state_dict(payload["state"][name])
-    restore_rng_state(payload["rng"])
+    states = payload["rng"]
+    if len(states) == session.world_size:
+        restore_rng_state(states[session.rank])
+    else:
+        log.warning(f"{path} was written by {len(states)} processes, this run has {session.world_size}: the "
+                    f"random streams restart (seeded), so the continuation is not bit-identical")
+        seed_everything(int(session.cfg.seed) + 1000 * (payload["epoch"] + 1) + session.rank)
     log.info(f"resumed from {path} after epoch {payload['epoch']}")
     return payload["epoch"] + 1, payload["history"], payload["best"]
 
@@ -86,15 +93,19 @@ def fit(session, job: TrainingJob, epochs: int) -> dict:
     start, history, best = 0, [], {}
     if cfg.resume:
         start, history, best = _restore(session, job)
-    elif last_path.exists() and not cfg.overwrite and session.is_main:
+    elif last_path.exists() and not cfg.overwrite:
         raise UserError(f"{last_path} exists from an earlier run: resume=true continues it, overwrite=true "
                         f"starts again and replaces it, name=... starts a separate run")
+    else:
+        seed_everything(int(cfg.seed) + session.rank)  # ranks draw different dropout and augmentation
     writer = MetricsWriter(session.run_dir, history) if session.is_main else None
     for epoch in range(start, epochs):
         began = time.perf_counter()
+        session.set_epoch(epoch)
         row = {"epoch": epoch, **job.train_epoch(epoch), **job.evaluate(epoch)}
         row["time_s"] = round(time.perf_counter() - began, 3)
         history.append(row)
+        rng_states = gather_objects(capture_rng_state())
         if not session.is_main:
             continue
         writer.write(row)
@@ -104,7 +115,7 @@ def fit(session, job: TrainingJob, epochs: int) -> dict:
                     if key in row and not math.isnan(row[key]) and row[key] > best.get(name, -math.inf)]
         for name in improved:
             best[name] = row[job.monitors[name]]
-        payload = checkpoint_payload(session, job, epoch, history, best)
+        payload = checkpoint_payload(session, job, epoch, history, best, rng_states)
         for name in improved:
             save_checkpoint(session.checkpoint_dir / f"{name}.pt", payload)
         save_checkpoint(last_path, payload)
@@ -117,4 +128,5 @@ def fit(session, job: TrainingJob, epochs: int) -> dict:
         (session.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info("summary: " + json.dumps(summary))
         log.info(f"checkpoints: {session.checkpoint_dir}   metrics: {session.run_dir / 'metrics.csv'}")
+    session.barrier()
     return summary

@@ -23,12 +23,16 @@ def soft_target_gradient(logits: torch.Tensor, gamma: float) -> torch.Tensor:
     return focal_weights(logits.log_softmax(1), gamma) / logits.shape[0]
 
 
+def negative_entropy(distribution: torch.Tensor) -> torch.Tensor:
+    """sum_k m_k log m_k. Classes with m_k = 0 (exactly: the masked softmax gives exact zeros) contribute 0 with a
+    finite gradient, since the log is taken of max(m, tiny)."""
+    return (distribution * distribution.clamp_min(torch.finfo(distribution.dtype).tiny).log()).sum()
+
+
 def negative_batch_entropy(soft_labels: torch.Tensor) -> torch.Tensor:
-    """sum_k m_k log m_k of the batch-mean label distribution m: minimising it spreads the batch over every
-    auxiliary class (MAXL's anti-collapse regulariser). Classes absent from the batch (m_k = 0, exactly, since
-    the masked softmax gives exact zeros) contribute 0 with a finite gradient: log is taken of max(m, tiny)."""
-    mean = soft_labels.mean(0)
-    return (mean * mean.clamp_min(torch.finfo(mean.dtype).tiny).log()).sum()
+    """MAXL's anti-collapse regulariser: the negative entropy of the batch-mean label distribution; minimising
+    it spreads the batch over every auxiliary class."""
+    return negative_entropy(soft_labels.mean(0))
 
 
 def sample_entropy(soft_labels: torch.Tensor) -> torch.Tensor:

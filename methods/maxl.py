@@ -21,11 +21,11 @@ from sklearn.metrics.cluster import contingency_matrix
 from torch.func import functional_call, jvp
 
 from dataset.hierarchical import HierarchicalData, ImageDataset, image_transform
+from engine.distributed import all_reduce_mean_, all_reduce_sum_, gather_objects, is_distributed
 from engine.errors import UserError
 from engine.metrics import MeanTracker
 from engine.trainer import TrainingJob
-from methods.losses import (focal_loss, gradient_cosine, negative_batch_entropy, sample_entropy,
-                            soft_target_gradient)
+from methods.losses import focal_loss, gradient_cosine, negative_entropy, sample_entropy, soft_target_gradient
 from models import create_model
 
 # torch's forward-mode AD loads its decompositions through the deprecated torch.jit.script, once, and says so.
@@ -130,8 +130,8 @@ def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, g
     """MAXL's generator gradient on one batch, and the primary loss/accuracy before and after the virtual step.
 
     Objective: L_pri(theta1+) + entropy_weight * sum(m log m), with theta1+ = theta1 - alpha * grad L(theta1),
-    L = L_pri + L_aux(generated labels). The generator (theta2) reaches theta1+ only through the soft targets t
-    of L_aux, so by the chain rule
+    L = L_pri + L_aux(generated labels), m the batch-mean generated label. The generator (theta2) reaches
+    theta1+ only through the soft targets t of L_aux, so by the chain rule
 
         d L_pri(theta1+) / d t = -alpha * d/d eps [d L_aux(theta1 + eps v, t) / d t]_{eps=0},  v = grad L_pri(theta1+),
 
@@ -142,35 +142,46 @@ def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, g
 
     The forward at theta1 runs on the real modules in train mode (its running statistics move, as in the
     reference); the virtual forwards use batch statistics and leave them untouched.
+
+    In a distributed run each rank holds a shard of the batch: the inner gradient, v and the batch-mean label are
+    averaged across ranks and the generator gradients summed, which gives the single-process gradient on the
+    whole batch exactly (for a model without batch statistics; batch norm normalises per rank).
     """
+    world = torch.distributed.get_world_size() if is_distributed() else 1
     names, params = zip(*model.named_parameters())
     soft = generator(x, y)
     targets = soft.detach()
     pri_logits, aux_logits = model(x)
     pre_loss = focal_loss(pri_logits.log_softmax(1), y, gamma)
     inner_grads = torch.autograd.grad(pre_loss + focal_loss(aux_logits.log_softmax(1), targets, gamma), params)
+    all_reduce_mean_(inner_grads)
     fast = {n: (p - alpha * g).detach().requires_grad_() for n, p, g in zip(names, params, inner_grads)}
     with batch_statistics(model):
         after_logits = functional_call(model, fast, (x,))[0]
         after_loss = focal_loss(after_logits.log_softmax(1), y, gamma)
         direction = torch.autograd.grad(after_loss, list(fast.values()), materialize_grads=True)
+        all_reduce_mean_(direction)
         base = {n: p.detach() for n, p in zip(names, params)}
 
         def aux_target_gradient(weights):
             return soft_target_gradient(functional_call(model, weights, (x,))[1], gamma)
 
         if first_order:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction]))
-            eps = fd_epsilon / norm
+            eps = fd_epsilon / torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction]))
             with torch.no_grad():
                 plus = aux_target_gradient({n: b + eps * d for (n, b), d in zip(base.items(), direction)})
                 minus = aux_target_gradient({n: b - eps * d for (n, b), d in zip(base.items(), direction)})
             curvature = (plus - minus) / (2 * eps)
         else:
             _, curvature = jvp(aux_target_gradient, (base,), (dict(zip(names, direction)),))
-    gen_params = [p for p in generator.parameters()]
-    gen_grads = torch.autograd.grad((soft, entropy_weight * negative_batch_entropy(soft)), gen_params,
-                                    grad_outputs=(-alpha * curvature, None))
+    batch_mean = soft.mean(0)
+    global_mean = batch_mean.detach().clone()
+    all_reduce_mean_([global_mean])
+    global_mean.requires_grad_()
+    entropy_grad, = torch.autograd.grad(negative_entropy(global_mean), global_mean)
+    gen_grads = torch.autograd.grad((soft, batch_mean), list(generator.parameters()),
+                                    grad_outputs=(-alpha / world * curvature, entropy_weight / world * entropy_grad))
+    all_reduce_sum_(gen_grads)
     stats = {"pre_loss": pre_loss.detach(), "pre_acc": (pri_logits.argmax(1) == y).float().mean(),
              "after_loss": after_loss.detach(), "after_acc": (after_logits.argmax(1) == y).float().mean()}
     return gen_grads, stats
@@ -195,8 +206,9 @@ class MaxlJob(TrainingJob):
         self.learns_labels = self.method in LABEL_LEARNING
         n_primary = len(self.task.psi)
         classes = [n_primary, sum(self.task.psi)] if self.has_auxiliary else [n_primary]
-        model_args = dict(backbone=cfg.model.name, width_mult=cfg.model.width_mult)
+        model_args = {"backbone": cfg.model.name, **{k: v for k, v in cfg.model.items() if k != "name"}}
         self.model = session.prepare(create_model("multitask", classes=classes, **model_args))
+        self.train_model = session.distribute(self.model)  # phase 1; the meta step runs on the module itself
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_gamma)
         if self.learns_labels:
@@ -248,34 +260,36 @@ class MaxlJob(TrainingJob):
     def multitask_step(self, x, targets, with_cossim: bool) -> dict:
         """One SGD step of the multi-task (or single-task) net; returns the batch's metrics as tensors."""
         gamma, y = self.cfg.focal_gamma, targets[:, 0]
-        outputs = self.model(x)
-        pri_loss = focal_loss(outputs[0].log_softmax(1), y, gamma)
-        metrics = {"train/loss": pri_loss.detach(), "train/acc": (outputs[0].argmax(1) == y).float().mean()}
+        cossim = with_cossim and self.has_auxiliary
+        with self.session.autocast():
+            # COSSIM takes two separate gradients, which DistributedDataParallel's backward hooks do not allow.
+            outputs = (self.model if cossim else self.train_model)(x)
+            pri_loss = focal_loss(outputs[0].float().log_softmax(1), y, gamma)
+            metrics = {"train/loss": pri_loss.detach(), "train/acc": (outputs[0].argmax(1) == y).float().mean()}
+            if self.has_auxiliary:
+                if self.learns_labels:
+                    with torch.no_grad():  # generated labels are targets here; the generator is not stepped
+                        aux_target = self.generator(x, y).float()
+                else:
+                    aux_target = targets[:, 1]
+                    metrics["train/aux_acc"] = (outputs[1].argmax(1) == aux_target).float().mean()
+                aux_loss = focal_loss(outputs[1].float().log_softmax(1), aux_target, gamma)
+                metrics["train/aux_loss"] = aux_loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.has_auxiliary:
-            if self.learns_labels:
-                with torch.no_grad():  # generated labels are targets here; the generator is not stepped
-                    aux_target = self.generator(x, y)
-            else:
-                aux_target = targets[:, 1]
-                metrics["train/aux_acc"] = (outputs[1].argmax(1) == aux_target).float().mean()
-            aux_loss = focal_loss(outputs[1].log_softmax(1), aux_target, gamma)
-            metrics["train/aux_loss"] = aux_loss.detach()
-            if with_cossim:
-                metrics["train/cossim"] = self._backward_with_cossim(pri_loss, aux_loss)
-            else:
-                (pri_loss + aux_loss).backward()
+        if cossim:
+            metrics["train/cossim"] = self._backward_with_cossim(pri_loss, aux_loss)
         else:
-            pri_loss.backward()
+            (pri_loss + aux_loss if self.has_auxiliary else pri_loss).backward()
         self.optimizer.step()
         return metrics
 
     def _backward_with_cossim(self, pri_loss, aux_loss) -> torch.Tensor:
-        """Set the gradient of pri_loss + aux_loss from the two separate gradients, and return their COSSIM
-        over the shared (backbone) parameters. Costs one extra backward, every `cossim_every` steps."""
+        """Set the gradient of pri_loss + aux_loss from the two separate gradients (averaged over ranks) and return
+        their COSSIM over the shared (backbone) parameters. One extra backward, every `cossim_every` steps."""
         params = list(self.model.parameters())
         pri = torch.autograd.grad(pri_loss, params, retain_graph=True, materialize_grads=True)
         aux = torch.autograd.grad(aux_loss, params, materialize_grads=True)
+        all_reduce_mean_(pri + aux)  # the whole batch's gradients, as one process would see them
         for p, a, b in zip(params, pri, aux):
             p.grad = a + b
         shared = {id(p) for p in self.model.shared_parameters()}
@@ -310,19 +324,21 @@ class MaxlJob(TrainingJob):
         true_aux, generated = [], []
         for x, targets in self._batches(self.test_loader, f"epoch {epoch} test"):
             y = targets[:, 0]
-            outputs = self.model(x)
-            tracker.add("test/loss", focal_loss(outputs[0].log_softmax(1), y, cfg.focal_gamma), len(y))
+            with self.session.autocast():
+                outputs = self.model(x)
+                soft = self.generator(x, y).float() if self.learns_labels else None
+            tracker.add("test/loss", focal_loss(outputs[0].float().log_softmax(1), y, cfg.focal_gamma), len(y))
             tracker.add("test/acc", (outputs[0].argmax(1) == y).float().mean(), len(y))
             if self.method == "human":
                 tracker.add("test/aux_acc", (outputs[1].argmax(1) == targets[:, 1]).float().mean(), len(y))
-            if self.learns_labels:
-                soft = self.generator(x, y)
+            if soft is not None:
                 tracker.add("gen/entropy", sample_entropy(soft).mean(), len(y))
                 generated.append(soft.argmax(1).cpu())
                 true_aux.append(targets[:, 2].cpu())
         metrics = tracker.result(self.session)
         if generated and self.task.auxiliary_column is not None:
-            true, predicted = torch.cat(true_aux).numpy(), torch.cat(generated).numpy()
+            shards = gather_objects((torch.cat(true_aux), torch.cat(generated)))
+            true, predicted = (torch.cat(parts).numpy() for parts in zip(*shards))
             metrics["gen/nmi"] = float(normalized_mutual_info_score(true, predicted))
             metrics["gen/purity"] = purity(true, predicted)
         return metrics

@@ -32,9 +32,9 @@ class MultiTaskNet(nn.Module):
     One entry is the single-task net; two are MAXL's primary and auxiliary heads.
     """
 
-    def __init__(self, backbone: str, classes: list[int], width_mult: float = 1.0):
+    def __init__(self, backbone: str, classes: list[int], **backbone_args):
         super().__init__()
-        self.backbone = create_model(backbone, width_mult=width_mult)
+        self.backbone = create_model(backbone, **backbone_args)
         self.heads = nn.ModuleList(head(self.backbone.feat_dim, k) for k in classes)
         init_maxl_weights(self, "uniform")
 
@@ -66,9 +66,9 @@ class LabelGenerator(nn.Module):
     always normalises with batch statistics, in training and in the diagnostics alike.
     """
 
-    def __init__(self, backbone: str, psi: list[int], width_mult: float = 1.0):
+    def __init__(self, backbone: str, psi: list[int], **backbone_args):
         super().__init__()
-        self.backbone = create_model(backbone, width_mult=width_mult)
+        self.backbone = create_model(backbone, **backbone_args)
         self.head = head(self.backbone.feat_dim, sum(psi))
         self.register_buffer("mask", block_mask(psi), persistent=False)
         for m in self.backbone.modules():
@@ -82,10 +82,11 @@ class LabelGenerator(nn.Module):
 
 
 @register_model("multitask")
-def multitask(backbone: str, classes: list[int], width_mult: float = 1.0):
-    return MultiTaskNet(backbone, classes, width_mult)
+def multitask(backbone: str, classes: list[int], **backbone_args):
+    """`backbone_args` go to the backbone's factory (e.g. width_mult)."""
+    return MultiTaskNet(backbone, classes, **backbone_args)
 
 
 @register_model("label_generator")
-def label_generator(backbone: str, psi: list[int], width_mult: float = 1.0):
-    return LabelGenerator(backbone, psi, width_mult)
+def label_generator(backbone: str, psi: list[int], **backbone_args):
+    return LabelGenerator(backbone, psi, **backbone_args)

@@ -10,16 +10,18 @@ class VGG16(nn.Module):
     """Conv(3x3, pad 1, bias) -> BN -> ReLU repeated, each block ending in MaxPool(2); then flattened.
 
     At 32x32 input the last map is 1x1, so the feature is 512 x width_mult (no global pooling, as the original).
+    `batch_norm=False` gives the plain VGG-16 (whose distributed training equals one process exactly).
     """
 
-    def __init__(self, width_mult: float = 1.0, in_channels: int = 3):
+    def __init__(self, width_mult: float = 1.0, batch_norm: bool = True, in_channels: int = 3):
         super().__init__()
         blocks, channels = [], in_channels
         for width, convs in VGG16_BLOCKS:
             width = scaled(width, width_mult)
             layers = []
             for _ in range(convs):
-                layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+                norm = [nn.BatchNorm2d(width)] if batch_norm else []
+                layers += [nn.Conv2d(channels, width, 3, padding=1), *norm, nn.ReLU()]
                 channels = width
             layers.append(nn.MaxPool2d(2, 2))
             blocks.append(nn.Sequential(*layers))
@@ -31,5 +33,5 @@ class VGG16(nn.Module):
 
 
 @register_model("vgg16")
-def vgg16(width_mult: float = 1.0):
-    return VGG16(width_mult)
+def vgg16(width_mult: float = 1.0, batch_norm: bool = True):
+    return VGG16(width_mult, batch_norm)

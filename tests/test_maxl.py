@@ -220,3 +220,45 @@ def test_virtual_steps_leave_batch_norm_running_statistics_untouched(first_order
     for (name, got), expected in zip(model.named_buffers(), reference.buffers()):
         assert torch.equal(got, expected), name
     assert not any(True for _ in generator.buffers() if _.dtype.is_floating_point and _.dim())  # no running stats
+
+
+# ---- the multi-task step -------------------------------------------------------------------------------
+
+def make_job(method, tmp_path, **overrides):
+    from hydra import compose, initialize_config_dir
+
+    from engine import CONFIG_DIR, Session
+
+    settings = {"method": method, "model.width_mult": 1 / 16, "batch_size": 20, "device": "cpu",
+                "num_workers": 0, "dataset": "cifar100", "channels_last": False, **overrides}
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        cfg = compose("maxl_train", overrides=[f"{k}={v}" for k, v in settings.items()])
+    data = cifar_like()
+    data.train_images = np.random.default_rng(0).integers(0, 256, data.train_images.shape, dtype=np.uint8)
+    return maxl.MaxlJob(cfg, data, Session(cfg, tmp_path, "maxl_train"))
+
+
+@pytest.mark.parametrize("method, with_cossim", [("maxl", False), ("maxl", True), ("human", True),
+                                                 ("single", False)])
+def test_multitask_step_is_sgd_on_the_summed_focal_losses(method, with_cossim, tmp_path):
+    job = make_job(method, tmp_path)
+    x, targets, _ = next(iter(job.train_loader))
+    before = {n: p.detach().clone() for n, p in job.model.named_parameters()}
+    # independent computation on a copy: same weights, same batch
+    copy = create_model("multitask", backbone="vgg16", classes=[o.out_features for o in
+                                                                [h[-1] for h in job.model.heads]],
+                        width_mult=1 / 16)
+    copy.load_state_dict(job.model.state_dict())
+    outputs = copy(x)
+    loss = -(torch.nn.functional.one_hot(targets[:, 0], 20) * (1 - outputs[0].softmax(1)) ** 2
+             * outputs[0].log_softmax(1)).sum(1).mean()
+    if method != "single":
+        with torch.no_grad():
+            aux = job.generator(x, targets[:, 0]) if method == "maxl" else \
+                torch.nn.functional.one_hot(targets[:, 1], 100).float()
+        loss = loss - (aux * (1 - outputs[1].softmax(1)) ** 2 * outputs[1].log_softmax(1)).sum(1).mean()
+    grads = dict(zip(before, torch.autograd.grad(loss, list(copy.parameters()))))
+    metrics = job.multitask_step(x, targets, with_cossim=with_cossim)
+    for name, p in job.model.named_parameters():
+        assert torch.allclose(p, before[name] - job.cfg.lr * grads[name], atol=1e-6), name
+    assert ("train/cossim" in metrics) == (with_cossim and method != "single")

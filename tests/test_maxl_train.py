@@ -89,3 +89,17 @@ def test_corrupt_checkpoint_for_resume_is_refused_and_kept(tmp_path, workspace):
                        workspace=workspace)
     assert "exists from an earlier run" in one_line_error(again)
     assert last.read_bytes() == b"not a checkpoint at all"
+
+
+def test_multirun_gives_each_run_its_own_directory(tmp_path, workspace):
+    result = run_script("maxl_train.py", "-m", "method=single,random", "epochs=1", *TINY, cwd=tmp_path,
+                        workspace=workspace)
+    assert result.returncode == 0, result.stderr
+    [sweep] = (tmp_path / "logs" / "multirun" / "maxl_train").iterdir()
+    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
+    assert runs[0].startswith("0_") and "method=single" in runs[0] and "method=random" in runs[1]
+    for run in runs:
+        assert (sweep / run / "metrics.csv").is_file() and (sweep / run / "config.yaml").is_file()
+        assert (sweep / run / "maxl_train.log").read_text().count("summary:") == 1
+    for method in ("single", "random"):
+        assert (workspace / "checkpoint" / "maxl" / f"{method}_synthetic_hier_20-100_vgg16_w0.0625_s0" / "last.pt").is_file()

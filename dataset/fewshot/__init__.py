@@ -1,0 +1,44 @@
+"""The MeLa data layer: few-shot datasets, their flat views, transforms and task samplers.
+
+What a MeLa script calls (`cfg.dataset` is the `dataset=<name>` config group):
+
+    from dataset.fewshot import load_split, load_supervised_set, make_tasks
+
+    train = load_split(cfg.dataset, "train", augment=cfg.data_aug)    # [SubDataset(name, flat), ...]
+    val = load_split(cfg.dataset, "val")                              # one entry per domain / label level
+    tasks = make_tasks(train, n_ways=5, n_shots=5, n_queries=15, shape="few_shot", no_replacement=True,
+                       fixed_db=True, db_size=None, seed=cfg.seed)
+    loader = session.loader(tasks, batch_size=None, shuffle=True)
+    for epoch in ...:
+        tasks.set_epoch(epoch)                                        # before iterating, every epoch
+        for task in loader: ...                                       # FewShotTask or FlatTask
+    features: iterate a FlatDataset in order, e.g. session.loader(val[0].flat, batch_size=256, shuffle=False)
+    sup_baseline: load_supervised_set(cfg.dataset, "train", augment=..., rotate=...)
+
+- `load_split(dataset_cfg, split, *, augment=False, rotate=False) -> list[SubDataset]`: split is train, val or
+  test; mixed gives aircraft, cub, vgg; h_aircraft gives aircraft_variant, aircraft_maker, aircraft_family
+  (`dataset.levels`); every other dataset one sub-dataset named after it.
+- `FlatDataset`: `ds[i] -> (image [3, H, W] float normalised, label, i)`; `.labels` (numpy int64, from 0),
+  `.n_cls`, `.images` (uint8 [N, H, W, 3], loaded once or memory-mapped), `.load(indices) -> (x, y)` for a
+  batch, `.targets()` (labels of every item, rotated copies included), `.with_options(augment=, rotate=)`
+  (the same arrays, another transform). With rotate the set is 4N long: item i is image i % N turned by
+  90 * (i // N) degrees with label `label + n_cls * (i // N)`.
+- `make_tasks(subsets, *, n_ways, n_shots, n_queries, shape, no_replacement, fixed_db, db_size, seed)
+  -> TaskMixture` (a ConcatDataset of one `TaskDataset` per sub-dataset, with `set_epoch`); semantics in
+  `dataset.fewshot.tasks`. An impossible task (n_ways above a split's classes, n_shots + n_queries above a
+  class's images) is a UserError when the tasks are made.
+- `load_supervised_set(dataset_cfg, split, *, augment=False, rotate=False) -> FlatDataset`: the true-label
+  training set (mixed: domains concatenated with label offsets; h_aircraft: labels [N, 3] for three heads).
+- `ImageTransform` / `transform_from_config(dataset_cfg, augment)`: the transform of a FlatDataset, for a
+  dataset built from other labels (the labeler's pseudo-labels): `FlatDataset(images, labels, transform, rotate)`.
+- `dataset_config(name, data_dir=None, **overrides)`: a dataset config outside Hydra.
+"""
+from dataset.fewshot.config import dataset_config, mela_dataset_names
+from dataset.fewshot.flat import FlatDataset
+from dataset.fewshot.sources import SubDataset, load_split, load_supervised_set
+from dataset.fewshot.tasks import FewShotTask, FlatTask, TaskDataset, TaskMixture, make_tasks
+from dataset.fewshot.transforms import ImageTransform, transform_from_config
+
+__all__ = ["dataset_config", "mela_dataset_names", "FlatDataset", "SubDataset", "load_split", "load_supervised_set",
+           "FewShotTask", "FlatTask", "TaskDataset", "TaskMixture", "make_tasks", "ImageTransform",
+           "transform_from_config"]

@@ -1,0 +1,60 @@
+"""`dataset=synthetic_fs`: a small generated few-shot dataset in the miniImageNet pickle layout (tests, quick runs).
+
+Each class is a smooth random colour pattern; its images are that pattern shifted by a few pixels, with pixel
+noise, so a network can learn them but no two images are equal. Labels run on across the splits (train first),
+as miniImageNet's global ids do. The files are written once into the workspace, atomically; `generated_with.json`
+records the settings, and other settings regenerate them.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dataset.fewshot.layouts import MINI_IMAGENET_FILES, SPLITS
+from dataset.safe_pickle import save_pickle
+from engine.errors import UserError
+
+PATTERN_CELLS = 4  # each class pattern is a 4x4 grid of random colours, smoothly upsampled
+NOISE_STD = 24.0
+
+
+def _class_images(rng: np.random.Generator, n_classes: int, per_class: int, size: int) -> np.ndarray:
+    cells = torch.from_numpy(rng.uniform(0, 255, (n_classes, 3, PATTERN_CELLS, PATTERN_CELLS)).astype(np.float32))
+    patterns = F.interpolate(cells, size=(size, size), mode="bilinear", align_corners=False).numpy()
+    images = np.repeat(patterns, per_class, axis=0)
+    max_shift = max(1, size // 8)
+    for i, (dy, dx) in enumerate(rng.integers(-max_shift, max_shift + 1, (len(images), 2))):
+        images[i] = np.roll(images[i], (dy, dx), axis=(1, 2))
+    images += rng.normal(0, NOISE_STD, images.shape)
+    return np.clip(images, 0, 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def ensure_synthetic_fewshot(directory: Path, classes: dict, images_per_class: int, image_size: int,
+                             seed: int) -> Path:
+    """Write the three miniImageNet-layout pickles under `directory` unless they exist with these settings."""
+    directory = Path(directory)
+    settings = {"classes": {split: int(classes[split]) for split in SPLITS},
+                "images_per_class": int(images_per_class), "image_size": int(image_size), "seed": int(seed)}
+    for key, value in (*((f"classes.{s}", n) for s, n in settings["classes"].items()),
+                       ("images_per_class", settings["images_per_class"]), ("image_size", settings["image_size"])):
+        if value < 1:
+            raise UserError(f"dataset.generate.{key}={value} must be at least 1")
+    stamp = directory / "generated_with.json"
+    if (stamp.is_file() and json.loads(stamp.read_text()) == settings
+            and all((directory / name).is_file() for name in MINI_IMAGENET_FILES.values())):
+        return directory
+    rng = np.random.default_rng(settings["seed"])
+    first_label = 0
+    for split in SPLITS:
+        n = settings["classes"][split]
+        images = _class_images(rng, n, settings["images_per_class"], settings["image_size"])
+        labels = np.repeat(np.arange(first_label, first_label + n), settings["images_per_class"])
+        save_pickle(directory / MINI_IMAGENET_FILES[split], {"data": images, "labels": labels.tolist()})
+        first_label += n
+    tmp = stamp.with_name(f".{stamp.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(settings, indent=2))
+    os.replace(tmp, stamp)
+    return directory

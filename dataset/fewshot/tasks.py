@@ -1,0 +1,199 @@
+"""Meta-training tasks drawn from flat datasets (spec §4 with Decisions 2 and 9).
+
+A task is N classes (`n_ways`) with K support (`n_shots`) and Q query (`n_queries`) images each. Two shapes:
+- `few_shot`: `FewShotTask` (support/query images, local labels 0..N-1 as repeat(arange(N), K), indices);
+- `flat`: `FlatTask` (all N*(K+Q) images class-major, their true labels, the N true classes, indices [N, K+Q]),
+  for the labeler.
+Two samplers:
+- random (`no_replacement=False`): `db_size` tasks, each N classes then K+Q images per class, without
+  replacement inside the task. With `fixed_db` task i is drawn from (seed, i) and is the same every epoch;
+  otherwise from (seed, epoch, i).
+- no replacement (GFSL): every class's images are shuffled and cut into chunks of K+Q; while N classes still
+  have a chunk, a task takes the next chunk of N classes picked at random. Every image is used at most once per
+  epoch (the per-class remainder and the chunks of the last < N classes go unused). The partition is drawn from
+  `seed`; with `fixed_db` it is the same every epoch, otherwise redrawn from (seed, epoch). `db_size`, if given,
+  caps the number of tasks per epoch.
+Augmentation inside task i draws from (seed, epoch, i), not from the worker's RNG, so tasks are the same for
+any number of loader workers and a resumed run replays them exactly. Call `set_epoch(epoch)` before iterating
+each epoch (that is what makes non-fixed tasks and augmentation change between epochs).
+
+Each item is already a whole task: iterate with `DataLoader(tasks, batch_size=None, shuffle=True)` (or
+`session.loader(tasks, batch_size=None, shuffle=True)`); batch_size=1 adds the original's leading dimension.
+If the flat dataset rotates (rotate_aug), its rotated copies are classes of their own, label + n_cls * k.
+"""
+import logging
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from dataset.fewshot.flat import FlatDataset
+from engine.errors import UserError
+
+log = logging.getLogger("metalabel")
+
+SHAPES = ("few_shot", "flat")
+# Tags that keep the random streams of different purposes apart for the same (seed, epoch, index).
+_FIXED_TASK, _EPOCH_TASK, _AUGMENTATION, _PARTITION = range(4)
+
+
+class FewShotTask(NamedTuple):
+    support_x: torch.Tensor  # [N*K, 3, H, W]
+    support_y: torch.Tensor  # [N*K] local labels, class-major: 0 x K, 1 x K, ...
+    query_x: torch.Tensor  # [N*Q, 3, H, W]
+    query_y: torch.Tensor  # [N*Q]
+    support_idx: torch.Tensor  # [N, K] indices into the flat dataset
+    query_idx: torch.Tensor  # [N, Q]
+
+
+class FlatTask(NamedTuple):
+    x: torch.Tensor  # [N*(K+Q), 3, H, W], class-major
+    y: torch.Tensor  # [N*(K+Q)] true labels of the flat dataset
+    classes: torch.Tensor  # [N] the task's true classes
+    idx: torch.Tensor  # [N, K+Q] indices into the flat dataset
+
+
+class TaskDataset(torch.utils.data.Dataset):
+    """Tasks over one flat dataset. `stream` keeps the tasks of several sub-datasets of one run apart."""
+
+    def __init__(self, flat: FlatDataset, *, n_ways: int, n_shots: int, n_queries: int, shape: str = "few_shot",
+                 no_replacement: bool = True, fixed_db: bool = True, db_size: int | None = None, seed: int = 0,
+                 stream: int = 0):
+        if shape not in SHAPES:
+            raise UserError(f"sample_shape={shape} is not one of {', '.join(SHAPES)}")
+        for key, value in (("n_ways", n_ways), ("n_shots", n_shots), ("n_queries", n_queries)):
+            if int(value) < (0 if key == "n_queries" else 1):
+                raise UserError(f"{key}={value} is too small: tasks need n_ways >= 1, n_shots >= 1, n_queries >= 0")
+        if (db_size is None and not no_replacement) or (db_size is not None and int(db_size) < 1):
+            raise UserError(f"db_size={db_size}: no_replacement=false draws db_size random tasks (and with "
+                            f"no_replacement it caps the tasks per epoch): set train_db_size to a positive number")
+        if flat.labels.ndim != 1:
+            raise UserError(f"dataset {flat.name} has {flat.labels.shape[1]} label levels; tasks need one")
+        self.flat = flat
+        self.n_ways, self.n_shots, self.n_queries = int(n_ways), int(n_shots), int(n_queries)
+        self.shape, self.no_replacement, self.fixed_db = shape, bool(no_replacement), bool(fixed_db)
+        self.db_size = None if db_size is None else int(db_size)
+        self.seed, self.stream = int(seed) % 2**63, int(stream)
+        targets = flat.targets()
+        order = np.argsort(targets, kind="stable")
+        self.classes, starts, counts = np.unique(targets[order], return_index=True, return_counts=True)
+        self.members = [order[s:s + c] for s, c in zip(starts, counts)]  # item indices of each class
+        self._check_buildable(counts)
+        self._partition = None
+        self.set_epoch(0)
+
+    @property
+    def per_class(self) -> int:
+        return self.n_shots + self.n_queries
+
+    def _check_buildable(self, counts: np.ndarray) -> None:
+        where = f"dataset {self.flat.name}"
+        if len(self.classes) < self.n_ways:
+            raise UserError(f"{where}: n_ways={self.n_ways} but it has only {len(self.classes)} classes: "
+                            f"lower n_ways to at most {len(self.classes)}")
+        smallest = int(np.argmin(counts))
+        if counts[smallest] < self.per_class:
+            raise UserError(f"{where}: a task needs n_shots+n_queries={self.per_class} images per class but class "
+                            f"{self.classes[smallest]} has {counts[smallest]}: lower n_shots or n_queries")
+
+    def _rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.stream, *keys])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose tasks and augmentation the following iteration gives."""
+        self.epoch = int(epoch)
+        if self.no_replacement and (self._partition is None or not self.fixed_db):
+            rng = self._rng(_PARTITION) if self.fixed_db else self._rng(_PARTITION, self.epoch)
+            self._partition = self._draw_partition(rng)
+
+    def _draw_partition(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(classes [T, N] positions into self.classes, indices [T, N, K+Q]), each index at most once."""
+        chunks = []  # per class: [chunks, K+Q]
+        for members in self.members:
+            shuffled = rng.permutation(members)
+            usable = len(shuffled) // self.per_class * self.per_class
+            chunks.append(shuffled[:usable].reshape(-1, self.per_class))
+        left = np.array([len(c) for c in chunks])
+        task_classes, task_indices = [], []
+        while True:
+            alive = np.flatnonzero(left)
+            if len(alive) < self.n_ways:
+                break
+            picked = rng.choice(alive, self.n_ways, replace=False)
+            task_classes.append(picked)
+            task_indices.append(np.stack([chunks[c][len(chunks[c]) - left[c]] for c in picked]))
+            left[picked] -= 1
+        classes, indices = np.stack(task_classes), np.stack(task_indices)
+        if self.db_size is not None:
+            if self.db_size > len(classes):
+                log.info(f"dataset {self.flat.name}: db_size {self.db_size} is more than the {len(classes)} tasks "
+                         f"of one no-replacement pass; using {len(classes)}")
+            classes, indices = classes[:self.db_size], indices[:self.db_size]
+        return classes, indices
+
+    def __len__(self) -> int:
+        return len(self._partition[0]) if self.no_replacement else self.db_size
+
+    def task_indices(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Task `index` of the current epoch: its true classes [N] and flat-dataset indices [N, K+Q]."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"task {index} of {len(self)}")
+        if self.no_replacement:
+            positions, indices = self._partition[0][index], self._partition[1][index]
+        else:
+            rng = self._rng(_FIXED_TASK, index) if self.fixed_db else self._rng(_EPOCH_TASK, self.epoch, index)
+            positions = rng.choice(len(self.classes), self.n_ways, replace=False)
+            indices = np.stack([rng.choice(self.members[p], self.per_class, replace=False) for p in positions])
+        return self.classes[positions], indices
+
+    def __getitem__(self, index: int) -> FewShotTask | FlatTask:
+        classes, indices = self.task_indices(index)
+        n, k = self.n_ways, self.n_shots
+        # Few-shot tasks gather all support images, then all query images: both are slices of one batch.
+        if self.shape == "flat":
+            order = indices.reshape(-1)
+        else:
+            order = np.concatenate([indices[:, :k].reshape(-1), indices[:, k:].reshape(-1)])
+        _, height, width, channels = self.flat.images.shape
+        augmentation_seed = int(self._rng(_AUGMENTATION, self.epoch, index).integers(2**63))
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(augmentation_seed)
+            x, y = self.flat.load(order, out=_batch_buffer((len(order), channels, height, width)))
+        indices = torch.from_numpy(indices)
+        if self.shape == "flat":
+            return FlatTask(x, y, torch.from_numpy(classes), indices)
+        local = torch.arange(n)
+        return FewShotTask(support_x=x[:n * k], support_y=local.repeat_interleave(k), query_x=x[n * k:],
+                           query_y=local.repeat_interleave(self.n_queries), support_idx=indices[:, :k],
+                           query_idx=indices[:, k:])
+
+
+def _batch_buffer(shape) -> torch.Tensor:
+    """The tensor a task is written into: in a DataLoader worker, shared memory, which the loader then passes to
+    the main process as is (a task of 100 float images is 8.5 MB; the default path copies it once more)."""
+    buffer = torch.empty(shape)
+    return buffer.share_memory_() if torch.utils.data.get_worker_info() is not None else buffer
+
+
+class TaskMixture(torch.utils.data.ConcatDataset):
+    """The tasks of several sub-datasets one after the other (mixed: each task from one domain), as the original."""
+
+    def __init__(self, parts: dict[str, TaskDataset]):
+        super().__init__(list(parts.values()))
+        self.names = list(parts)
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.datasets:
+            part.set_epoch(epoch)
+        self.cumulative_sizes = self.cumsum(self.datasets)  # no-replacement passes may change length per epoch
+
+
+def make_tasks(subsets, *, n_ways: int, n_shots: int, n_queries: int, shape: str = "few_shot",
+               no_replacement: bool = True, fixed_db: bool = True, db_size: int | None = None,
+               seed: int = 0) -> TaskMixture:
+    """Tasks over every sub-dataset of a split (`load_split`'s list); `db_size` counts tasks per sub-dataset."""
+    return TaskMixture({
+        sub.name: TaskDataset(sub.flat, n_ways=n_ways, n_shots=n_shots, n_queries=n_queries, shape=shape,
+                              no_replacement=no_replacement, fixed_db=fixed_db, db_size=db_size, seed=seed,
+                              stream=stream)
+        for stream, sub in enumerate(subsets)})

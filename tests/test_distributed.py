@@ -1,0 +1,82 @@
+"""Several processes on CPU (gloo): the result equals one process on the same global batch."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import methods.maxl as maxl
+from conftest import ROOT
+from engine.metrics import NOT_COMPARED, read_metrics
+from tests_distributed_data import batch_and_nets
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
+
+
+def torchrun(args, cwd, workspace, port):
+    env = dict(os.environ, WORKSPACE=str(workspace), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([*TORCHRUN, str(port), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_two_process_meta_gradient_equals_one_process_on_the_whole_batch(tmp_path):
+    result = torchrun([str(ROOT / "tests" / "distributed_meta_worker.py"), str(tmp_path)], ROOT, tmp_path, 29611)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for first_order in (False, True):
+        model, generator, x, y = batch_and_nets()
+        expected, _ = maxl.meta_gradient(model, generator, x, y, 0.5, 0.2, 2.0, first_order=first_order)
+        for rank in ranks:  # every rank ends with the same (summed) gradient
+            for got, want in zip(rank[first_order], expected):
+                assert torch.allclose(got, want, rtol=1e-9, atol=1e-15)
+
+
+RUN = ["method=maxl", "dataset=synthetic_hier", "dataset.generate.train_per_class=4",
+       "dataset.crop_padding=0", "dataset.hflip=false", "model.width_mult=0.0625", "model.batch_norm=false",
+       "device=cpu", "num_workers=0", "progress=false", "batch_size=40", "cossim_every=4"]
+
+
+SCRIPT = str(ROOT / "maxl_train.py")
+
+
+def final_state(workspace, name):
+    return torch.load(workspace / "checkpoint" / "maxl" / name / "last.pt", weights_only=True)
+
+
+def run_metrics(tmp_path, name):
+    return [read_metrics(p) for p in sorted((tmp_path / "logs" / "maxl_train" / name).glob("*/metrics.csv"))][-1]
+
+
+def comparable(rows):
+    return [{k: v for k, v in row.items() if k not in NOT_COMPARED} for row in rows]
+
+
+def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, workspace):
+    from conftest import run_script
+
+    one = run_script("maxl_train.py", *RUN, "epochs=2", "name=one", cwd=tmp_path, workspace=workspace)
+    assert one.returncode == 0, one.stderr
+    two = torchrun([SCRIPT, *RUN, "epochs=2", "name=two"], tmp_path, workspace, 29612)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # one run directory, written by rank 0 alone
+    [run_dir] = (tmp_path / "logs" / "maxl_train" / "two").iterdir()
+    assert (run_dir / "metrics.csv").is_file() and "2 processes" in (run_dir / "maxl_train.log").read_text()
+    expected, got = final_state(workspace, "one")["state"], final_state(workspace, "two")["state"]
+    for key in ("model", "generator"):
+        for name, tensor in expected[key].items():
+            assert torch.allclose(got[key][name], tensor, rtol=1e-4, atol=1e-6), (key, name)
+    for a, b in zip(comparable(run_metrics(tmp_path, "one")), comparable(run_metrics(tmp_path, "two"))):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], rel=1e-3, abs=1e-5), key
+
+    first = torchrun([SCRIPT, *RUN, "epochs=1", "name=resumed"], tmp_path, workspace, 29613)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = torchrun([SCRIPT, *RUN, "epochs=2", "name=resumed", "resume=true"], tmp_path, workspace, 29614)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert comparable(run_metrics(tmp_path, "resumed")) == comparable(run_metrics(tmp_path, "two"))
+    resumed = final_state(workspace, "resumed")["state"]
+    for key in ("model", "generator"):
+        for name, tensor in got[key].items():
+            assert torch.equal(resumed[key][name], tensor), (key, name)
