@@ -29,17 +29,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def build_job(method: str, args, channels_last: bool):
-    from hydra import compose, initialize_config_dir
-
     from dataset.hierarchical import HierarchicalData
-    from engine import CONFIG_DIR, Session
+    from engine import Session, compose
     from methods.maxl import MaxlJob
 
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose("maxl_train", overrides=[f"method={method}", f"model.width_mult={args.width}",
-                                               f"batch_size={args.batch_size}", f"device={args.device}",
-                                               f"channels_last={channels_last}", "num_workers=0",
-                                               "dataset=cifar100", "cossim_every=50"])
+    cfg = compose("maxl_train", [f"method={method}", f"model.width_mult={args.width}", f"batch_size={args.batch_size}",
+                                 f"device={args.device}", f"channels_last={channels_last}", "num_workers=0",
+                                 "dataset=cifar100", "cossim_every=50"])
     rng = np.random.default_rng(0)
     n, size = args.batch_size, args.image_size
     fine = rng.integers(0, 100, n)

@@ -1,76 +1,19 @@
-"""The shared training engine: Hydra entry point, session (device, seeds, logging, loaders), epoch loop."""
-import functools
-import logging
-import os
-import sys
-import time
-from pathlib import Path
+"""The shared training engine: Hydra entry point (`hydra_main`), `Session` (device, seeds, logging, loaders,
+distributed ranks), the epoch loop with checkpoints and resume (`TrainingJob`, trainer.py), metrics.
 
-import hydra
-import torch.distributed as dist
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+Names are imported on first use, so that `engine.errors` and `engine.workspace` stay cheap for command-line tools.
+"""
 
-from engine.errors import UserError
-from engine.session import Session
-from engine.trainer import TrainingJob
-from engine.workspace import workspace_root
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
-RUN_STAMP = "METALABEL_RUN_STAMP"
-
-if not OmegaConf.has_resolver("env_workspace"):
-    OmegaConf.register_new_resolver("env_workspace", lambda: str(workspace_root()))
-    # The run directory's time stamp; under torchrun every rank takes rank 0's (see _join_process_group).
-    OmegaConf.register_new_resolver("run_stamp", lambda: os.environ.get(RUN_STAMP)
-                                    or time.strftime("%Y-%m-%d_%H-%M-%S"), use_cache=True)
+_LAZY = {"hydra_main": "engine.entry", "compose": "engine.entry", "CONFIG_DIR": "engine.entry",
+         "Session": "engine.session", "TrainingJob": "engine.trainer", "UserError": "engine.errors"}
 
 
-def _join_process_group() -> None:
-    """Under torchrun: join the process group before Hydra starts, so that every rank agrees on one run
-    directory (rank 0's time stamp), and let only rank 0 write Hydra's own files."""
-    if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or dist.is_initialized():
-        return
-    import torch
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'engine' has no attribute '{name}'")
+    import importlib
 
-    dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
-    stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
-    dist.broadcast_object_list(stamp, src=0)
-    os.environ[RUN_STAMP] = stamp[0]
-    if dist.get_rank() != 0:
-        sys.argv.append("hydra.output_subdir=null")
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
-def hydra_main(config_name: str):
-    """Decorate `main(cfg, session)`: Hydra composes the config, the engine opens a session around the call.
-
-    A `UserError` anywhere becomes one line on stderr and exit status 1.
-    """
-
-    def decorate(main):
-        @functools.wraps(main)  # Hydra names the job (logs/<job>/...) after the script defining `main`
-        def task(cfg):
-            session = None
-            try:
-                session = Session(cfg, Path(HydraConfig.get().runtime.output_dir), config_name)
-                return main(cfg, session)
-            except UserError as err:
-                logging.getLogger("metalabel").error(f"error: {err}")  # console (stderr) and the run's log
-                sys.exit(1)
-            finally:
-                if session is not None:
-                    session.close()
-
-        run = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base=None)(task)
-
-        @functools.wraps(main)
-        def entry():
-            _join_process_group()
-            return run()
-
-        return entry
-
-    return decorate
-
-
-__all__ = ["hydra_main", "Session", "TrainingJob", "UserError"]
+__all__ = list(_LAZY)

@@ -225,14 +225,11 @@ def test_virtual_steps_leave_batch_norm_running_statistics_untouched(first_order
 # ---- the multi-task step -------------------------------------------------------------------------------
 
 def make_job(method, tmp_path, **overrides):
-    from hydra import compose, initialize_config_dir
-
-    from engine import CONFIG_DIR, Session
+    from engine import Session, compose
 
     settings = {"method": method, "model.width_mult": 1 / 16, "batch_size": 20, "device": "cpu",
                 "num_workers": 0, "dataset": "cifar100", "channels_last": False, **overrides}
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose("maxl_train", overrides=[f"{k}={v}" for k, v in settings.items()])
+    cfg = compose("maxl_train", [f"{k}={v}" for k, v in settings.items()])
     data = cifar_like()
     data.train_images = np.random.default_rng(0).integers(0, 256, data.train_images.shape, dtype=np.uint8)
     return maxl.MaxlJob(cfg, data, Session(cfg, tmp_path, "maxl_train"))

@@ -1,0 +1,206 @@
+"""MeLa's hot paths, one JSON line each:
+
+    python bench/bench_mela.py [--only meta_step,labeler,meta_eval,supervised,features] [--device cpu|cuda]
+                               [--quick] [--image-size 84] [--width 1.0] [--iters 3] ...
+
+meta_step   learn_meta_repr's step: ResNet-12, n-way k-shot q-query tasks: forward + MetaLS + backward + SGD step
+labeler     one labeler pass over stored features (synthetic, miniImageNet-sized by default): the fast pass
+            (batched class means + block matmul walk) against the plain per-task loop, with the speed-up and
+            whether both gave the same centroids, counts and hits
+meta_eval   logistic-regression tasks per second on given features, 1-shot and 5-shot
+supervised  pseudo-label / sup_baseline training images per second (ResNet-12 + linear head, SGD)
+features    feature extraction images per second (eval mode, inference_mode, large batches)
+
+Times are the best of `--iters` repetitions after one warm-up. --quick shrinks everything for a smoke run.
+"""
+import argparse
+import json
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from methods.fewshot_eval import extract_features, task_accuracies  # noqa: E402
+from methods.labeler import class_means, initial_centroids, labeler_pass, reference_pass  # noqa: E402
+from methods.meta_ls import MetaLS  # noqa: E402
+from methods.supervised import build_classifier, classification_loss  # noqa: E402
+from models import create_model  # noqa: E402
+
+BENCHES = ("meta_step", "labeler", "meta_eval", "supervised", "features")
+
+
+def best_time(fn, iters: int, device: torch.device) -> float:
+    """Best wall time of `iters` calls after a warm-up call (synchronising CUDA around each)."""
+    fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def backbone(args, device):
+    model = create_model("resnet12", width_mult=args.width).to(device)
+    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+
+
+def bench_meta_step(args, device):
+    n, k, q, size = args.n_ways, args.n_shots, args.n_queries, args.image_size
+    learner = MetaLS(backbone(args, device), n_ways=n, lam=1e-3).train()
+    optimizer = torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    t = args.tasks_per_step
+    support_x = torch.randn(t, n * k, 3, size, size, device=device)
+    query_x = torch.randn(t, n * q, 3, size, size, device=device)
+    support_y = torch.arange(n, device=device).repeat_interleave(k).expand(t, -1)
+    query_y = torch.arange(n, device=device).repeat_interleave(q).expand(t, -1)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = learner(support_x, support_y, query_x, query_y)
+        loss.backward()
+        optimizer.step()
+
+    seconds = best_time(step, args.iters, device)
+    return {"seconds_per_step": round(seconds, 4), "tasks_per_s": round(t / seconds, 3),
+            "images_per_step": t * n * (k + q), "tasks_per_step": t, "image_size": size, "width": args.width}
+
+
+def synthetic_split(n_classes: int, per_class: int, dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n_classes).repeat_interleave(per_class)
+    features = torch.randn(n_classes, dim, generator=g)[labels] + 3 * torch.randn(len(labels), dim, generator=g)
+    return features, labels
+
+
+def no_replacement_tasks(labels: torch.Tensor, n_ways: int, per_class: int, seed: int = 0) -> torch.Tensor:
+    """Flat tasks using every image at most once (the reference's GFSL sampler): [T, n_ways, per_class]."""
+    rng = np.random.default_rng(seed)
+    pools = {int(c): list(rng.permutation(np.flatnonzero(labels.numpy() == c))) for c in labels.unique()}
+    tasks = []
+    while len(open_classes := [c for c, pool in pools.items() if len(pool) >= per_class]) >= n_ways:
+        picked = rng.choice(open_classes, n_ways, replace=False)
+        tasks.append([pools[c][:per_class] for c in picked])
+        for c in picked:
+            pools[c] = pools[c][per_class:]
+    return torch.as_tensor(np.array(tasks))
+
+
+def bench_labeler(args, device):
+    features, labels = synthetic_split(args.labeler_classes, args.labeler_images, args.feat_dim)
+    tasks = no_replacement_tasks(labels, args.n_ways, args.n_shots + args.n_queries)
+    features = features.to(device)
+    start = initial_centroids(class_means(features, tasks), args.K)
+    counts = torch.zeros(args.K, dtype=torch.long)
+    results = {}
+
+    def fast():
+        results["fast"] = labeler_pass(class_means(features, tasks), start, counts)
+
+    def plain():  # each task's class means, then the loop, one task at a time
+        keys = torch.stack([class_means(features, task[None])[0] for task in tasks])
+        results["plain"] = reference_pass(keys, start, counts)
+
+    fast_s = best_time(fast, args.iters, device)
+    plain_s = best_time(plain, args.iters, device)
+    keys = class_means(features, tasks)
+    pass_only_fast = best_time(lambda: labeler_pass(keys, start, counts), args.iters, device)
+    pass_only_plain = best_time(lambda: reference_pass(keys, start, counts), args.iters, device)
+    (c_fast, n_fast, h_fast), (c_plain, n_plain, h_plain) = results["fast"], results["plain"]
+    same = bool(torch.equal(n_fast, n_plain) and torch.equal(h_fast, h_plain)
+                and torch.allclose(c_fast, c_plain, rtol=1e-12, atol=1e-12))
+    return {"images": len(features), "tasks": len(tasks), "K": args.K, "feat_dim": args.feat_dim,
+            "fast_s": round(fast_s, 4), "plain_loop_s": round(plain_s, 4), "speedup": round(plain_s / fast_s, 2),
+            "pass_only_fast_s": round(pass_only_fast, 4), "pass_only_plain_s": round(pass_only_plain, 4),
+            "pass_only_speedup": round(pass_only_plain / pass_only_fast, 2),
+            "task_success_rate": round(h_fast.sum().item() / args.n_ways / len(tasks), 3), "same_result": same}
+
+
+def bench_meta_eval(args, device):
+    features, labels = synthetic_split(args.eval_classes, 600, args.feat_dim, seed=1)
+    features = F.normalize(features, dim=1)
+    row = {"tasks": args.eval_tasks, "n_jobs": args.n_jobs, "feat_dim": args.feat_dim}
+    for shots in (1, 5):
+        run = partial(task_accuracies, features, labels, args.n_ways, shots, args.n_queries, args.eval_tasks,
+                      n_jobs=args.n_jobs)
+        seconds = best_time(run, 1, device)
+        row[f"tasks_per_s_{shots}shot"] = round(args.eval_tasks / seconds, 2)
+    return row
+
+
+def bench_supervised(args, device):
+    model = build_classifier(backbone(args, device), args.sup_classes, rotate_aug=True).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    targets = torch.randint(0, args.sup_classes * 4, (args.batch_size,), device=device)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        classification_loss(model(images), targets).backward()
+        optimizer.step()
+
+    seconds = best_time(step, args.iters, device)
+    return {"images_per_s": round(args.batch_size / seconds, 2), "batch_size": args.batch_size,
+            "image_size": args.image_size, "width": args.width, "classes": args.sup_classes * 4}
+
+
+def bench_features(args, device):
+    model = backbone(args, device)
+    images = torch.randn(args.feature_batch, 3, args.image_size, args.image_size)
+    loader = [(images, torch.zeros(len(images), dtype=torch.long))] * 2
+    seconds = best_time(lambda: extract_features(model, loader, device), args.iters, device)
+    return {"images_per_s": round(2 * len(images) / seconds, 2), "batch_size": args.feature_batch,
+            "image_size": args.image_size, "width": args.width}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(BENCHES), help="comma-separated subset of " + ",".join(BENCHES))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every bench")
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=84)
+    parser.add_argument("--width", type=float, default=1.0, help="ResNet-12 width_mult")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--n-ways", type=int, default=5)
+    parser.add_argument("--n-shots", type=int, default=5)
+    parser.add_argument("--n-queries", type=int, default=15)
+    parser.add_argument("--tasks-per-step", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64, help="supervised training batch")
+    parser.add_argument("--sup-classes", type=int, default=64, help="classes before rotation x4")
+    parser.add_argument("--feature-batch", type=int, default=256)
+    parser.add_argument("--feat-dim", type=int, default=640)
+    parser.add_argument("--labeler-classes", type=int, default=64, help="64 x 600 images: miniImageNet's train")
+    parser.add_argument("--labeler-images", type=int, default=600, help="images per class")
+    parser.add_argument("--K", type=int, default=400, help="initial centroids")
+    parser.add_argument("--eval-classes", type=int, default=20)
+    parser.add_argument("--eval-tasks", type=int, default=200)
+    parser.add_argument("--n-jobs", type=int, default=1)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.image_size, args.width, args.iters, args.batch_size, args.feature_batch = 32, 0.25, 1, 16, 64
+        args.labeler_classes, args.labeler_images, args.K, args.eval_tasks = 16, 200, 40, 20
+    device = torch.device(args.device)
+    for name in args.only.split(","):
+        if name not in BENCHES:
+            parser.error(f"unknown bench {name}: choose from {', '.join(BENCHES)}")
+        row = globals()[f"bench_{name}"](args, device)
+        print(json.dumps({"bench": name, "device": str(device), "threads": torch.get_num_threads(), **row}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""MeLa's labeler (MetaLabeler): infers global labels for tasks that only carry local ones.
+
+It works on features: the images are encoded once by the frozen meta-learned backbone, and a task is an index
+array [N, S] into them (N classes, S = K+Q images each). A task's N "keys" are its per-class mean features.
+
+1. Init: the keys of the first K/N tasks (of a shuffled order) are the K initial centroids (K % N == 0).
+2. A pass visits all tasks in a new shuffled order. Each key goes to its nearest centroid (Euclidean); if the N
+   nearest centroids are distinct the task succeeds and each of them becomes the running mean
+   c <- c n/(n+1) + key/(n+1) of its matched keys (n: the centroid's match count, never reset, so the first match
+   replaces the init value); otherwise the task is skipped.
+3. After each pass, prune with a binomial rule on this pass's hits h (T successes, p = N/K):
+   keep h > max(mean(h) - std_factor sqrt(T p (1-p)), 1).
+4. Repeat passes until a pass prunes nothing. Then label: a task gets its keys' nearest centroids, or is rejected
+   when two keys share one; every image of an accepted task takes its class's centroid id (shifted to start at 0).
+
+The pass is sequential (each success moves centroids the next task sees). `labeler_pass` scores a block of tasks
+against all centroids in one float32 matmul and then walks the block, recomputing only the columns of centroids
+moved earlier in the block; near ties are settled in float64. It makes the same decisions as the plain loop
+`reference_pass`, several times faster. Centroids are float64, on the CPU.
+"""
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import normalized_mutual_info_score
+from sklearn.metrics.cluster import contingency_matrix
+
+from engine.checkpoint import save_checkpoint
+from engine.errors import UserError
+
+log = logging.getLogger("metalabel")
+
+PASS_BLOCK = 8  # tasks per score block: larger amortises the matmul, smaller recomputes fewer moved columns
+
+
+def stack_domains(features: list[torch.Tensor], tasks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor]:
+    """Per sub-dataset features [M_i, d] and tasks [T_i, N, S] (local indices) -> all features, tasks indexing
+    them, and each task's sub-dataset number [T]."""
+    offsets = np.cumsum([0] + [len(f) for f in features[:-1]])
+    all_tasks = torch.cat([t.long() + int(o) for t, o in zip(tasks, offsets)])
+    domain = torch.cat([torch.full((len(t),), i, dtype=torch.long) for i, t in enumerate(tasks)])
+    return torch.cat(features), all_tasks, domain
+
+
+def class_means(features: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
+    """Keys [T, N, d] (float64, CPU): the mean feature of each task class, averaged in the features' precision in
+    one fused gather-and-mean. features [M, d], tasks [T, N, S] (indices into features)."""
+    n_tasks, n_ways, size = tasks.shape
+    bags = tasks.reshape(-1, size).to(features.device)
+    means = F.embedding_bag(bags, features.detach(), mode="mean")
+    return means.view(n_tasks, n_ways, -1).cpu().to(torch.float64)
+
+
+def initial_centroids(keys: torch.Tensor, n_centroids: int) -> torch.Tensor:
+    """The keys of the first n_centroids / N tasks, in order: [n_centroids, d]."""
+    n_tasks, n_ways, dim = keys.shape
+    if n_centroids % n_ways:
+        raise UserError(f"K={n_centroids} centroids is not a multiple of n_ways={n_ways}: set K to a multiple of it")
+    needed = n_centroids // n_ways
+    if needed > n_tasks:
+        raise UserError(f"K={n_centroids} centroids need {needed} tasks of {n_ways} classes to start from, but there "
+                        f"are only {n_tasks} tasks: lower K")
+    return keys[:needed].reshape(n_centroids, dim).clone()
+
+
+def _running_mean(centroids, keys, counts):
+    # One formula for both passes (numpy or torch, float64), so that they round identically.
+    after = counts + 1
+    return centroids * (counts / after) + keys / after
+
+
+def reference_pass(keys: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor):
+    """One pass as a plain loop over tasks. keys [T, N, d] in visiting order, centroids [K, d], counts [K] (match
+    counts so far). Returns (centroids, counts, hits): hits [K] = this pass's matches per centroid."""
+    centroids = centroids.to(torch.float64).clone()
+    counts = counts.clone()
+    hits = torch.zeros_like(counts)
+    for key in keys.to(torch.float64):
+        nearest = torch.cdist(key, centroids).argmin(1)
+        if len(nearest.unique()) < len(nearest):
+            continue
+        n = counts[nearest].to(torch.float64).unsqueeze(1)
+        centroids[nearest] = _running_mean(centroids[nearest], key, n)
+        counts[nearest] += 1
+        hits[nearest] += 1
+    return centroids, counts, hits
+
+
+def labeler_pass(keys: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor, block: int = PASS_BLOCK):
+    """The same pass as `reference_pass` (same arguments, same results), fast.
+
+    A key k's nearest centroid minimises |c|^2 - 2 k.c = [-2k, 1].[c, |c|^2]. These scores for a block of tasks
+    against all centroids come from one float32 matmul and are kept current as centroids move (only the moved
+    columns of the block's later tasks are recomputed). float32 is only a screen: a key whose runner-up lies
+    within float32's error bound of its nearest centroid is decided in float64, so every decision is the float64
+    one. Centroids update in float64.
+    """
+    keys64 = keys.detach().cpu().to(torch.float64).numpy()
+    c64 = centroids.detach().cpu().to(torch.float64).numpy().copy()
+    start_counts = counts.cpu().numpy().astype(np.float64)  # exact small integers; float avoids a cast per update
+    n = start_counts.copy()
+    n_tasks, n_ways, dim = keys64.shape
+    keys_ext = np.ones((n_tasks, n_ways, dim + 1), dtype=np.float32)
+    np.multiply(keys64, -2.0, out=keys_ext[..., :dim], casting="same_kind")
+    c_ext = np.concatenate([c64, np.einsum("kd,kd->k", c64, c64)[:, None]], axis=1).astype(np.float32)
+    # |float32 score - exact| <= (dim + 4) u (|k| + |c|)^2 with u = eps / 2 (dot products of length dim, inputs
+    # rounded to float32), so two scores closer than 2 (dim + 4) u (...)^2 may be misordered; the slack is twice
+    # that. Running means stay in the ball holding the keys and the initial centroids: |c| <= radius.
+    key_norms = np.sqrt(np.einsum("tnd,tnd->tn", keys_ext[..., :dim], keys_ext[..., :dim])) / 2
+    radius = max(key_norms.max(), np.sqrt(c_ext[:, dim].max()))
+    slack = 2 * (dim + 4) * np.finfo(np.float32).eps * (key_norms + radius) ** 2
+    ways = np.arange(n_ways)
+    moved_ext = np.empty((n_ways, dim + 1), dtype=np.float32)
+    for start in range(0, n_tasks, block):
+        stop = min(start + block, n_tasks)
+        block_keys = keys_ext[start:stop].reshape(-1, dim + 1)
+        scores = block_keys @ c_ext.T  # [block tasks x N, K]
+        for t in range(start, stop):
+            first = (t - start) * n_ways
+            s = scores[first:first + n_ways]
+            nearest = s.argmin(1)
+            if np.count_nonzero(s.T <= s[ways, nearest] + slack[t]) > n_ways:  # near tie: decide in float64
+                nearest = (np.einsum("kd,kd->k", c64, c64) - 2 * (keys64[t] @ c64.T)).argmin(1)
+            if len(set(nearest.tolist())) < n_ways:
+                continue
+            moved = _running_mean(c64[nearest], keys64[t], n[nearest, None])
+            c64[nearest] = moved
+            n[nearest] += 1
+            moved_ext[:, :dim] = moved
+            moved_ext[:, dim] = np.einsum("kd,kd->k", moved_ext[:, :dim], moved_ext[:, :dim])
+            c_ext[nearest] = moved_ext
+            later = first + n_ways  # the keys of the block's remaining tasks
+            if later < len(scores):
+                scores[later:, nearest] = block_keys[later:] @ moved_ext.T
+    hits = (n - start_counts).astype(np.int64)  # each centroid's matches in this pass
+    return torch.from_numpy(c64), torch.from_numpy(n.astype(np.int64)), torch.from_numpy(hits)
+
+
+def prune_mask(hits: torch.Tensor, n_ways: int, std_factor: float) -> torch.Tensor:
+    """Centroids to keep after a pass: hits > max(mean(hits) - std_factor * sqrt(T p (1-p)), 1), with
+    T = successful tasks of the pass and p = n_ways / K, the chance of a given centroid in a random task."""
+    successes = hits.sum().item() / n_ways
+    p = n_ways / len(hits)
+    threshold = max(hits.to(torch.float64).mean().item() - std_factor * math.sqrt(successes * p * (1 - p)), 1.0)
+    return hits > threshold
+
+
+@dataclass
+class Clustering:
+    centroids: torch.Tensor  # [K, d] float64
+    counts: torch.Tensor  # [K] matches over all passes
+    passes: list[dict] = field(default_factory=list)  # per pass: centroids before/after, task success rate
+
+
+def cluster(keys: torch.Tensor, n_centroids: int, std_factor: float, seed: int = 0,
+            pass_fn: Callable = labeler_pass) -> Clustering:
+    """Steps 1-4 above on keys [T, N, d]. The init order and each pass's order are permutations drawn from
+    `np.random.default_rng(seed)`, so a run is repeatable. `pass_fn=reference_pass` runs the plain loop."""
+    rng = np.random.default_rng(seed)
+    n_tasks, n_ways, _ = keys.shape
+    # Shuffled with numpy: a multi-threaded torch op just before the pass's BLAS calls slows them on few cores.
+    keys = keys.detach().cpu().to(torch.float64).numpy()
+    centroids = initial_centroids(torch.from_numpy(keys[rng.permutation(n_tasks)]), n_centroids)
+    counts = torch.zeros(n_centroids, dtype=torch.long)
+    result = Clustering(centroids, counts)
+    while True:
+        order = rng.permutation(n_tasks)
+        centroids, counts, hits = pass_fn(torch.from_numpy(keys[order]), centroids, counts)
+        keep = prune_mask(hits, n_ways, std_factor)
+        stats = {"pass": len(result.passes), "centroids_before": len(centroids), "centroids_after": int(keep.sum()),
+                 "success_rate": hits.sum().item() / n_ways / n_tasks}
+        result.passes.append(stats)
+        log.info("labeler pass {pass}: {centroids_before} -> {centroids_after} centroids, "
+                 "{success_rate:.1%} of tasks matched".format(**stats))
+        if stats["centroids_after"] < n_ways:
+            raise UserError(f"the labeler pruned down to {stats['centroids_after']} centroids, fewer than "
+                            f"n_ways={n_ways}: lower std_factor (now {std_factor}) or raise K")
+        centroids, counts = centroids[keep], counts[keep]
+        result.centroids, result.counts = centroids, counts
+        if keep.all():
+            return result
+
+
+def assign_tasks(keys: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each key's nearest centroid, [T, N], and whether the task is accepted (its N centroids distinct), [T]."""
+    keys = keys.detach().cpu().to(torch.float64)
+    centroids = centroids.detach().cpu().to(torch.float64)
+    assignment = torch.cdist(keys.flatten(0, 1), centroids).argmin(1).view(keys.shape[:2])
+    ordered = assignment.sort(1).values
+    return assignment, (ordered[:, 1:] != ordered[:, :-1]).all(1)
+
+
+def pseudo_labels(tasks: torch.Tensor, assignment: torch.Tensor, accepted: torch.Tensor):
+    """Per-image labels of the accepted tasks: (image indices [n], labels [n], n_cls). An image takes the centroid
+    id of its task class, minus the smallest id in use (ids may have gaps, as the reference)."""
+    if not accepted.any():
+        raise UserError("the labeler rejected every task (no task matched distinct centroids): raise K or lower "
+                        "std_factor")
+    tasks, assignment = tasks[accepted], assignment[accepted]
+    labels = assignment.unsqueeze(2).expand(tasks.shape).reshape(-1)
+    labels = labels - labels.min()
+    return tasks.reshape(-1), labels, int(labels.max()) + 1
+
+
+def _clustering_scores(true: np.ndarray, assigned: np.ndarray, accepted: np.ndarray, n_ways: int) -> dict:
+    """true/assigned class per (task, class) pair, task-major; rejected pairs count as wrong in the accuracy,
+    NMI is over the accepted pairs."""
+    kept_true, kept_assigned = true[accepted], assigned[accepted]
+    if len(kept_true):
+        # Each cluster counts as its majority true class.
+        correct = contingency_matrix(kept_true, kept_assigned).max(0).sum()
+        nmi = float(normalized_mutual_info_score(kept_true, kept_assigned))
+    else:
+        correct, nmi = 0, 0.0
+    return {"accuracy": float(correct / len(true)), "nmi": nmi, "true_classes": len(np.unique(true)),
+            "clusters": len(np.unique(kept_assigned)), "rejected_tasks": float(1 - accepted[::n_ways].mean())}
+
+
+def labeler_report(assignment: torch.Tensor, accepted: torch.Tensor, true_classes: torch.Tensor,
+                   task_domain: torch.Tensor, domain_names: list[str], n_centroids: int,
+                   images_per_class: int) -> dict:
+    """What the labeler found, per sub-dataset (`domains`) and overall: clusters in use against true classes,
+    clustering accuracy (per (task, class) pair, each cluster mapped to its majority true class, rejected tasks
+    wrong), NMI, share of tasks rejected; and the images per centroid (`cluster_sizes`, for a plot). Class ids are
+    never compared across sub-datasets: overall, a true class is a (sub-dataset, class) pair."""
+    n_ways = assignment.shape[1]
+    assigned = assignment.reshape(-1).numpy()
+    true = true_classes.reshape(-1).numpy()
+    pair_accepted = accepted.repeat_interleave(n_ways).numpy()
+    pair_domain = task_domain.repeat_interleave(n_ways).numpy()
+    domains = {name: _clustering_scores(true[pair_domain == i], assigned[pair_domain == i],
+                                        pair_accepted[pair_domain == i], n_ways)
+               for i, name in enumerate(domain_names) if (pair_domain == i).any()}
+    global_true = pair_domain * (int(true.max()) + 1) + true
+    sizes = np.bincount(assigned[pair_accepted], minlength=n_centroids) * images_per_class
+    return {**_clustering_scores(global_true, assigned, pair_accepted, n_ways), "centroids": n_centroids,
+            "domains": domains, "cluster_sizes": sizes.tolist()}
+
+
+def plot_cluster_sizes(report: dict, path: Path) -> Path:
+    """A bar chart of images per centroid (largest first), with the true number of classes marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = sorted(report["cluster_sizes"], reverse=True)
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    ax.bar(range(len(sizes)), sizes, width=1.0)
+    ax.axvline(report["true_classes"] - 0.5, color="tab:red", linestyle="--",
+               label=f"true classes: {report['true_classes']}")
+    ax.set(xlabel="centroid (by size)", ylabel="images", title=f"{len(sizes)} centroids")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_centroids(path: Path, centroids: torch.Tensor, **metadata) -> Path:
+    """Centroids [K, d] (float64) with metadata (plain values: n_ways, std_factor, backbone checkpoint...)."""
+    save_checkpoint(Path(path), {"centroids": centroids.detach().cpu(), "metadata": metadata})
+    return Path(path)
+
+
+def load_centroids(path: Path, feat_dim: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Centroids saved by `save_centroids` (or a bare [K, d] tensor, the reference's format), checked against the
+    backbone's feature size."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"pretrained_centroids={path} does not exist: give a centroids file written by "
+                        f"learn_labeler.py, or leave pretrained_centroids unset to cluster")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for truncated or foreign files
+        raise UserError(f"pretrained_centroids={path} is not a readable centroids file ({type(exc).__name__}): "
+                        f"give a file written by learn_labeler.py") from None
+    if isinstance(payload, dict):
+        centroids, metadata = payload.get("centroids"), payload.get("metadata", {})
+    else:
+        centroids, metadata = payload, {}
+    if not isinstance(centroids, torch.Tensor) or centroids.dim() != 2:
+        raise UserError(f"pretrained_centroids={path} holds no [K, d] centroid tensor: give a file written by "
+                        f"learn_labeler.py")
+    if feat_dim is not None and centroids.shape[1] != feat_dim:
+        raise UserError(f"pretrained_centroids={path} has {centroids.shape[1]}-d centroids but the backbone gives "
+                        f"{feat_dim}-d features: use centroids from the same backbone")
+    return centroids.to(torch.float64), metadata

@@ -1,0 +1,37 @@
+"""Conv-4 (`convnet4` in the reference): 4x (conv3x3 64 + BN + ReLU), MaxPool(2) after the first three, then global
+average pooling: a 64-d feature (x width_mult) for inputs of 8x8 pixels and up."""
+import torch.nn as nn
+
+from models import register_model, scaled
+
+
+class Conv4(nn.Module):
+    def __init__(self, width_mult: float = 1.0, in_channels: int = 3):
+        super().__init__()
+        width = scaled(64, width_mult)
+        layers, channels = [], in_channels
+        for i in range(4):
+            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()]
+            if i < 3:
+                layers.append(nn.MaxPool2d(2))
+            channels = width
+        self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.feat_dim = width
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+@register_model("conv4")
+def conv4(width_mult: float = 1.0, in_channels: int = 3):
+    return Conv4(width_mult, in_channels)
+
+
+# The reference's name for the same network, so its configs (model=convnet4) keep working.
+register_model("convnet4")(conv4)

@@ -1,0 +1,115 @@
+"""ResNet-12 and ResNet-18 as MeLa uses them (the RFS / MetaOptNet family), with DropBlock.
+
+Each block: 3x (conv3x3 without bias -> BN -> LeakyReLU(0.1)), no activation after the third BN; the shortcut is
+conv1x1 + BN where the channels change; add, LeakyReLU, then MaxPool(2) in the first block of a stage.
+Stages have 64-160-320-640 channels (x width_mult); global average pooling gives the feature (640-d).
+Regularisation after each block: dropout(drop_rate) in stages 1-2; in stages 3-4 the LAST block of the stage
+uses DropBlock and any earlier block dropout (the reference's ResNet-18 builds its first block with positional
+arguments that switch DropBlock off; ResNet-12 has one block per stage, so stages 3-4 use DropBlock).
+Inputs of any size from 16x16 up (84x84 for the ImageNet family, 32x32 in tests).
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.errors import UserError
+from models import register_model, scaled
+
+STAGE_CHANNELS = (64, 160, 320, 640)
+KEEP_SCHEDULE_STEPS = 40000  # forwards over which DropBlock's keep rate falls from 1 to 1 - drop_rate
+
+
+class DropBlock(nn.Module):
+    """DropBlock (Ghiasi et al. 2018) with the reference's linear keep-rate schedule.
+
+    keep = max(1 - drop_rate / 40000 * t, 1 - drop_rate), where t counts this module's forwards. As in the
+    reference, EVERY forward advances t, in eval mode too (only training forwards drop anything). t is a buffer,
+    so it is saved in the state_dict and a resumed run continues the schedule. All of it stays on the device:
+    no host synchronisation per forward.
+    """
+
+    def __init__(self, drop_rate: float, block_size: int):
+        super().__init__()
+        self.drop_rate = drop_rate
+        self.block_size = block_size
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def keep_rate(self) -> torch.Tensor:
+        return (1.0 - self.drop_rate / KEEP_SCHEDULE_STEPS * self.steps).clamp(min=1.0 - self.drop_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        if not self.training or self.drop_rate == 0:
+            return x
+        n, c, h, w = x.shape
+        size = min(self.block_size, h, w)  # small maps (tests, digits): blocks cover at most the whole map
+        valid_h, valid_w = h - size + 1, w - size + 1
+        # Seed rate such that the expected dropped share is 1 - keep once seeds grow into size x size blocks.
+        gamma = (1.0 - self.keep_rate()) / size**2 * (h * w) / (valid_h * valid_w)
+        seeds = (torch.rand(n, c, valid_h, valid_w, device=x.device) < gamma).to(x.dtype)
+        # Each seed at (i, j) drops rows i..i+size-1 and columns j..j+size-1 of the map.
+        dropped = F.max_pool2d(F.pad(seeds, (size - 1,) * 4), size, stride=1)
+        mask = 1.0 - dropped
+        kept = mask.sum(dtype=torch.float32).clamp(min=1.0)  # float32 even for half-precision maps
+        return x * mask * (mask.numel() / kept)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels: int, channels: int, pool: bool, regulariser: nn.Module):
+        super().__init__()
+        self.convs = nn.Sequential(
+            nn.Conv2d(in_channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.LeakyReLU(0.1),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.LeakyReLU(0.1),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+        )
+        self.shortcut = (nn.Identity() if in_channels == channels else
+                         nn.Sequential(nn.Conv2d(in_channels, channels, 1, bias=False), nn.BatchNorm2d(channels)))
+        self.act = nn.LeakyReLU(0.1)
+        self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
+        self.regulariser = regulariser
+
+    def forward(self, x):
+        return self.regulariser(self.pool(self.act(self.convs(x) + self.shortcut(x))))
+
+
+class ResNet(nn.Module):
+    """`blocks[s]` blocks in stage s; `feat_dim` = 640 x width_mult."""
+
+    def __init__(self, blocks: tuple[int, ...], width_mult: float = 1.0, drop_rate: float = 0.1,
+                 dropblock_size: int = 5, in_channels: int = 3):
+        super().__init__()
+        layers, channels = [], in_channels
+        for stage, (width, n_blocks) in enumerate(zip(STAGE_CHANNELS, blocks)):
+            width = scaled(width, width_mult)
+            for i in range(n_blocks):
+                if stage >= 2 and i == n_blocks - 1:
+                    regulariser = DropBlock(drop_rate, dropblock_size)
+                else:
+                    regulariser = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+                layers.append(BasicBlock(channels, width, pool=i == 0, regulariser=regulariser))
+                channels = width
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.feat_dim = channels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        if min(x.shape[-2:]) < 16:
+            raise UserError(f"the ResNet backbones need images of at least 16x16 pixels, got "
+                            f"{x.shape[-2]}x{x.shape[-1]}: resize the dataset's images")
+        return self.pool(self.layers(x)).flatten(1)
+
+
+@register_model("resnet12")
+def resnet12(width_mult: float = 1.0, drop_rate: float = 0.1, dropblock_size: int = 5, in_channels: int = 3):
+    return ResNet((1, 1, 1, 1), width_mult, drop_rate, dropblock_size, in_channels)
+
+
+@register_model("resnet18")
+def resnet18(width_mult: float = 1.0, drop_rate: float = 0.1, dropblock_size: int = 5, in_channels: int = 3):
+    return ResNet((1, 1, 2, 2), width_mult, drop_rate, dropblock_size, in_channels)
