@@ -15,8 +15,9 @@ setup: .venv/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# Two test processes with one thread each: most tests start scripts, whose imports do not use threads.
 test: setup
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile tests
 
 # ---- MAXL ---------------------------------------------------------------------------------------------------
 DEMO_MAXL := dataset=digits model.width_mult=0.25 epochs=15 device=cpu num_workers=0 progress=false overwrite=true

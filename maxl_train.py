@@ -6,8 +6,7 @@ from methods.maxl import MaxlJob
 
 @hydra_main("maxl_train")
 def main(cfg, session):
-    with session.main_process_first():  # generated datasets are written once
-        data = load_hierarchical(cfg.dataset)
+    data = load_hierarchical(cfg.dataset)
     job = MaxlJob(cfg, data, session)
     session.log.info(f"{cfg.method}: psi={job.task.psi}, {len(data.train_images)} training and "
                      f"{len(data.test_images)} test images")

@@ -40,7 +40,8 @@ def write_synthetic(directory: Path, train_per_class: int, test_per_class: int, 
     """Write a small CIFAR-100-like dataset (100 fine classes, fine f under coarse f // 5) in the official layout.
 
     Each fine class is a fixed random 4x4 colour pattern, upsampled, plus noise; the five fine classes of a
-    coarse class share a base colour, so both levels are learnable. Written into a temporary directory first.
+    coarse class share a base colour, so both levels are learnable. Written into a temporary directory first and
+    renamed, so that processes generating it at once (torchrun ranks) all end with the same complete files.
     """
     directory = Path(directory)
     rng = np.random.default_rng(seed)

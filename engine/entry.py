@@ -21,6 +21,8 @@ RUN_STAMP = "METALABEL_RUN_STAMP"
 if not OmegaConf.has_resolver("env_workspace"):
     OmegaConf.register_new_resolver("env_workspace", lambda: str(workspace_root()))
     # The run directory's time stamp; under torchrun every rank takes rank 0's (see _join_process_group).
+    # `${flag:${key},_text}`: the text when the key is true, else nothing (run names like the original's).
+    OmegaConf.register_new_resolver("flag", lambda value, text: text if value else "")
     OmegaConf.register_new_resolver("run_stamp", lambda: os.environ.get(RUN_STAMP)
                                     or time.strftime("%Y-%m-%d_%H-%M-%S"), use_cache=True)
 

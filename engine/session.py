@@ -5,7 +5,6 @@ A script builds its parts from the config and a `Session`, then calls `session.f
 import logging
 import os
 import random
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +83,9 @@ class Session:
         self.precision = resolve_precision(cfg.precision, self.device)
         self.compile_enabled = resolve_compile(cfg.compile, self.device)
         self.checkpoint_dir = Path(cfg.checkpoint_dir) / cfg.name
+        if (self.checkpoint_dir / "last.pt").exists() and not (cfg.resume or cfg.overwrite):
+            raise UserError(f"{self.checkpoint_dir / 'last.pt'} exists from an earlier run: resume=true continues "
+                            f"it, overwrite=true starts again and replaces it, name=... starts a separate run")
         self._epoch_listeners = []  # samplers and task datasets that draw per epoch
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes throughout a run
@@ -161,15 +163,6 @@ class Session:
         from engine.trainer import fit
 
         return fit(self, job, epochs)
-
-    @contextmanager
-    def main_process_first(self):
-        """Rank 0 runs the block first (e.g. generating data on first use), then the other ranks."""
-        if not self.is_main:
-            self.barrier()
-        yield
-        if self.is_main:
-            self.barrier()
 
     def barrier(self) -> None:
         if is_distributed():

@@ -67,6 +67,9 @@ def _check_same_run(saved_yaml: str, cfg, path) -> None:
 
 def _restore(session, job):
     path = session.checkpoint_dir / "last.pt"
+    if not path.is_file():
+        raise UserError(f"resume=true but run {session.cfg.name} has no checkpoint {path}: start it without "
+                        f"resume=true, or give the name of an earlier run")
     payload = load_checkpoint(path, fix="delete it and run with resume=false, or give another name=...")
     if payload.get("script") != session.script:
         raise UserError(f"{path} was written by {payload.get('script')}.py, not {session.script}.py: "
@@ -93,9 +96,6 @@ def fit(session, job: TrainingJob, epochs: int) -> dict:
     start, history, best = 0, [], {}
     if cfg.resume:
         start, history, best = _restore(session, job)
-    elif last_path.exists() and not cfg.overwrite:
-        raise UserError(f"{last_path} exists from an earlier run: resume=true continues it, overwrite=true "
-                        f"starts again and replaces it, name=... starts a separate run")
     else:
         seed_everything(int(cfg.seed) + session.rank)  # ranks draw different dropout and augmentation
     writer = MetricsWriter(session.run_dir, history) if session.is_main else None

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from joblib import Parallel, delayed
 from sklearn.linear_model import LogisticRegression
 
+from engine.distributed import gather_objects, is_distributed
 from engine.errors import UserError
 
 NORM_EPS = 1e-8
@@ -92,15 +93,23 @@ def task_accuracies(features: torch.Tensor, labels: torch.Tensor, n_ways: int, n
                     n_tasks: int, C: float = 1.0, use_bias: bool = True, n_jobs: int = 1,
                     split: str = "split") -> np.ndarray:
     """Query accuracy of tasks 0..n_tasks-1 on one split's features [M, d] (used as given, float32 as the
-    reference). n_jobs > 1 runs chunks of tasks in parallel processes (joblib) with identical results."""
+    reference). n_jobs > 1 runs chunks of tasks in parallel processes (joblib) with identical results. In a
+    distributed run each rank scores every world_size-th task and the scores are gathered (same result)."""
     sampler = TaskSampler(labels.cpu().numpy(), n_ways, n_shots, n_queries, split)
     features = features.detach().cpu().numpy()
+    world = torch.distributed.get_world_size() if is_distributed() else 1
+    rank = torch.distributed.get_rank() if is_distributed() else 0
+    mine = np.arange(rank, n_tasks, world)
     if n_jobs == 1:
-        return np.asarray(_task_accuracies(features, sampler, range(n_tasks), C, use_bias))
-    chunks = np.array_split(np.arange(n_tasks), 4 * joblib.effective_n_jobs(n_jobs))
-    scores = Parallel(n_jobs=n_jobs)(delayed(_task_accuracies)(features, sampler, chunk, C, use_bias)
-                                     for chunk in chunks if len(chunk))
-    return np.concatenate(scores)
+        scores = np.asarray(_task_accuracies(features, sampler, mine, C, use_bias))
+    else:
+        chunks = np.array_split(mine, 4 * joblib.effective_n_jobs(n_jobs))
+        scores = np.concatenate(Parallel(n_jobs=n_jobs)(delayed(_task_accuracies)(features, sampler, chunk, C, use_bias)
+                                                        for chunk in chunks if len(chunk)))
+    every = np.empty(n_tasks)
+    for r, part in enumerate(gather_objects(scores)):
+        every[r::world] = part
+    return every
 
 
 def mean_confidence_interval(scores: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -142,3 +151,49 @@ def flat_metrics(results: dict[int, dict[str, tuple[float, float]]], prefix: str
     return {f"{prefix}/{shots}shot/{name}{suffix}": value
             for shots, per_split in results.items() for name, (mean, half) in per_split.items()
             for suffix, value in (("", mean), ("_ci95", half))}
+
+
+def results_table(results: Mapping[str, dict[int, dict[str, tuple[float, float]]]], sub_datasets: bool = True) -> str:
+    """A text table, one row per (evaluated model, sub-dataset), one column per shot count: accuracy in percent
+    with its 95% interval. `results` maps a model's label to `evaluate_splits`'s output."""
+    shots = sorted({k for per_model in results.values() for k in per_model})
+    rows = []
+    for label, per_model in results.items():
+        names = [n for n in next(iter(per_model.values())) if n != "overall"] if sub_datasets else []
+        for name in names + ["overall"]:
+            row_label = label if name == "overall" and len(names) <= 1 else f"{label} / {name}"
+            if len(names) == 1 and name != "overall":
+                continue  # one sub-dataset: its row is the overall one
+            cells = [f"{100 * per_model[k][name][0]:6.2f} +- {100 * per_model[k][name][1]:.2f}" for k in shots]
+            rows.append((row_label, cells))
+    width = max([len(label) for label, _ in rows] + [5])
+    lines = [f"{'model':<{width}}  " + "  ".join(f"{f'{k}-shot':>15}" for k in shots)]
+    lines += [f"{label:<{width}}  " + "  ".join(f"{cell:>15}" for cell in cells) for label, cells in rows]
+    return "\n".join(lines)
+
+
+def read_results(path) -> dict[int, dict[str, tuple[float, float]]]:
+    """The results of a meta_eval run (its results.json), as `evaluate_splits` gave them."""
+    import json
+
+    saved = json.loads(open(path).read())["results"]
+    return {int(k): {name: (v["mean"], v["ci95"]) for name, v in per.items()} for k, per in saved.items()}
+
+
+def main(argv=None):
+    """`python -m methods.fewshot_eval RUN_DIR ...`: one table of several meta_eval runs (overall rows)."""
+    import argparse
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("runs", nargs="+", type=Path, help="meta_eval run directories (holding results.json)")
+    parser.add_argument("--sub-datasets", action="store_true", help="also a row per sub-dataset")
+    args = parser.parse_args(argv)
+    missing = [str(run) for run in args.runs if not (run / "results.json").is_file()]
+    if missing:
+        raise SystemExit(f"error: no results.json in {', '.join(missing)}: give meta_eval.py run directories")
+    print(results_table({run.name: read_results(run / "results.json") for run in args.runs}, args.sub_datasets))
+
+
+if __name__ == "__main__":
+    main()

@@ -23,6 +23,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from engine.errors import UserError
 
 log = logging.getLogger("metalabel")
 
-PASS_BLOCK = 8  # tasks per score block: larger amortises the matmul, smaller recomputes fewer moved columns
+PASS_BLOCK = 32  # tasks per score block: larger amortises the matmul, smaller has fewer moved centroids to check
 
 
 def stack_domains(features: list[torch.Tensor], tasks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
@@ -75,13 +76,15 @@ def _running_mean(centroids, keys, counts):
     return centroids * (counts / after) + keys / after
 
 
-def reference_pass(keys: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor):
-    """One pass as a plain loop over tasks. keys [T, N, d] in visiting order, centroids [K, d], counts [K] (match
-    counts so far). Returns (centroids, counts, hits): hits [K] = this pass's matches per centroid."""
+def reference_pass(keys, centroids: torch.Tensor, counts: torch.Tensor):
+    """One pass as a plain loop over tasks. keys: [T, N, d] in visiting order, or any iterable of the tasks' [N, d]
+    keys (e.g. computed task by task from the features); centroids [K, d], counts [K] (match counts so far).
+    Returns (centroids, counts, hits): hits [K] = this pass's matches per centroid."""
     centroids = centroids.to(torch.float64).clone()
     counts = counts.clone()
     hits = torch.zeros_like(counts)
-    for key in keys.to(torch.float64):
+    for key in keys:
+        key = key.to(torch.float64)
         nearest = torch.cdist(key, centroids).argmin(1)
         if len(nearest.unique()) < len(nearest):
             continue
@@ -96,50 +99,178 @@ def labeler_pass(keys: torch.Tensor, centroids: torch.Tensor, counts: torch.Tens
     """The same pass as `reference_pass` (same arguments, same results), fast.
 
     A key k's nearest centroid minimises |c|^2 - 2 k.c = [-2k, 1].[c, |c|^2]. These scores for a block of tasks
-    against all centroids come from one float32 matmul and are kept current as centroids move (only the moved
-    columns of the block's later tasks are recomputed). float32 is only a screen: a key whose runner-up lies
-    within float32's error bound of its nearest centroid is decided in float64, so every decision is the float64
-    one. Centroids update in float64.
+    against all centroids come from one float32 matmul. Rather than walking the block task by task, the pass
+    guesses all its decisions, works out what they would do to the centroids and checks them all at once
+    (`_FastPass.confirm`); the confirmed tasks are committed and the rest checked again with the decisions found,
+    usually once or twice per block. float32 is only a screen: a decision is trusted only when its nearest
+    centroid beats every other by more than float32's error bound, otherwise the plain loop's float64 `cdist`
+    makes it, so every decision is the loop's. Centroids update in float64, with the loop's formula and order.
     """
-    keys64 = keys.detach().cpu().to(torch.float64).numpy()
-    c64 = centroids.detach().cpu().to(torch.float64).numpy().copy()
-    start_counts = counts.cpu().numpy().astype(np.float64)  # exact small integers; float avoids a cast per update
-    n = start_counts.copy()
-    n_tasks, n_ways, dim = keys64.shape
-    keys_ext = np.ones((n_tasks, n_ways, dim + 1), dtype=np.float32)
-    np.multiply(keys64, -2.0, out=keys_ext[..., :dim], casting="same_kind")
-    c_ext = np.concatenate([c64, np.einsum("kd,kd->k", c64, c64)[:, None]], axis=1).astype(np.float32)
-    # |float32 score - exact| <= (dim + 4) u (|k| + |c|)^2 with u = eps / 2 (dot products of length dim, inputs
-    # rounded to float32), so two scores closer than 2 (dim + 4) u (...)^2 may be misordered; the slack is twice
-    # that. Running means stay in the ball holding the keys and the initial centroids: |c| <= radius.
-    key_norms = np.sqrt(np.einsum("tnd,tnd->tn", keys_ext[..., :dim], keys_ext[..., :dim])) / 2
-    radius = max(key_norms.max(), np.sqrt(c_ext[:, dim].max()))
-    slack = 2 * (dim + 4) * np.finfo(np.float32).eps * (key_norms + radius) ** 2
-    ways = np.arange(n_ways)
-    moved_ext = np.empty((n_ways, dim + 1), dtype=np.float32)
-    for start in range(0, n_tasks, block):
-        stop = min(start + block, n_tasks)
-        block_keys = keys_ext[start:stop].reshape(-1, dim + 1)
-        scores = block_keys @ c_ext.T  # [block tasks x N, K]
-        for t in range(start, stop):
-            first = (t - start) * n_ways
-            s = scores[first:first + n_ways]
-            nearest = s.argmin(1)
-            if np.count_nonzero(s.T <= s[ways, nearest] + slack[t]) > n_ways:  # near tie: decide in float64
-                nearest = (np.einsum("kd,kd->k", c64, c64) - 2 * (keys64[t] @ c64.T)).argmin(1)
-            if len(set(nearest.tolist())) < n_ways:
-                continue
-            moved = _running_mean(c64[nearest], keys64[t], n[nearest, None])
-            c64[nearest] = moved
-            n[nearest] += 1
-            moved_ext[:, :dim] = moved
-            moved_ext[:, dim] = np.einsum("kd,kd->k", moved_ext[:, :dim], moved_ext[:, :dim])
-            c_ext[nearest] = moved_ext
-            later = first + n_ways  # the keys of the block's remaining tasks
-            if later < len(scores):
-                scores[later:, nearest] = block_keys[later:] @ moved_ext.T
-    hits = (n - start_counts).astype(np.int64)  # each centroid's matches in this pass
-    return torch.from_numpy(c64), torch.from_numpy(n.astype(np.int64)), torch.from_numpy(hits)
+    fast = _FastPass(keys, centroids, counts)
+    for start in range(0, len(keys), block):
+        fast.block(start, min(start + block, len(keys)))
+    hits = (fast.counts - fast.start_counts).astype(np.int64)  # each centroid's matches in this pass
+    return (torch.from_numpy(fast.centroids), torch.from_numpy(fast.counts.astype(np.int64)),
+            torch.from_numpy(hits))
+
+
+def _scores(key_form: np.ndarray, centroid_form: np.ndarray) -> np.ndarray:
+    # float32 key_form @ centroid_form.T through torch: its threads are the ones the class means and `cdist` use.
+    # numpy's BLAS has threads of its own that busy-wait after each call and fight torch's for a few cores (up to
+    # tens of times slower on 2 busy cores); the pass's other numpy operations are single-threaded.
+    return (torch.from_numpy(key_form) @ torch.from_numpy(centroid_form).T).numpy()
+
+
+def _score_form(centroids: np.ndarray) -> np.ndarray:
+    """[c, |c|^2] in float32, one row per centroid (the keys' side is [-2k, 1])."""
+    form = np.empty((len(centroids), centroids.shape[1] + 1), dtype=np.float32)
+    form[:, :-1] = centroids
+    form[:, -1] = np.einsum("kd,kd->k", centroids, centroids)
+    return form
+
+
+def _two_smallest(scores: np.ndarray):
+    """Per row: the smallest entry's column and value, and the second smallest value (inf with one column)."""
+    rows = np.arange(len(scores))
+    nearest = scores.argmin(1)
+    best = scores[rows, nearest]
+    scores[rows, nearest] = np.inf  # masked in place and restored: cheaper than a copy
+    runner_up = scores.min(1)
+    scores[rows, nearest] = best
+    return nearest, best, runner_up
+
+
+class _Moves(NamedTuple):
+    """What guessed decisions of a run of tasks do: their matches, sorted by centroid and then by task."""
+    centroid: np.ndarray  # [M] the matched centroid
+    row: np.ndarray  # [M] the matched key, as a row of the run
+    task: np.ndarray  # [M] its task in the run
+    rank: np.ndarray  # [M] how many matches of the same centroid come before it in the run
+    values: np.ndarray  # [M, d] float64: the centroid's value after the match
+    form: np.ndarray  # [M, d + 1] the same in score form
+    scores: np.ndarray  # [rows of the run, M] every key of the run against each value
+
+
+class _FastPass:
+    """`labeler_pass`'s state: keys (rows, task-major) and centroids in float64, the decisions' precision, and in
+    float32 score form."""
+
+    def __init__(self, keys: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor):
+        _, self.n_ways, dim = keys.shape
+        self.keys = keys.detach().cpu().to(torch.float64).numpy().reshape(-1, dim)
+        self.centroids = centroids.detach().cpu().to(torch.float64).numpy().copy()
+        self.start_counts = counts.cpu().numpy().astype(np.float64)  # exact small integers; float saves casts
+        self.counts = self.start_counts.copy()
+        self.key_form = np.ones((len(self.keys), dim + 1), dtype=np.float32)
+        np.multiply(self.keys, -2.0, out=self.key_form[:, :dim], casting="same_kind")
+        self.centroid_form = _score_form(self.centroids)
+        # |float32 score - exact| <= (dim + 4) u (|k| + |c|)^2 with u = eps / 2 (dot products of length dim,
+        # inputs rounded to float32), so two scores closer than 2 (dim + 4) u (...)^2 may be misordered; the slack
+        # is twice that. Running means stay in the ball holding the keys and the initial centroids: |c| <= radius.
+        key_norms = np.sqrt(np.einsum("rd,rd->r", self.key_form[:, :dim], self.key_form[:, :dim])) / 2
+        radius = max(key_norms.max(initial=0), np.sqrt(self.centroid_form[:, dim].max()))
+        self.slack = (2 * (dim + 4) * np.finfo(np.float32).eps * (key_norms + radius) ** 2).astype(np.float32)
+
+    def block(self, start: int, stop: int):
+        """Tasks start..stop-1. Each round guesses the decisions of the tasks left (first the float32 nearest
+        centroids, then the decisions the last check found), checks them, commits the confirmed tasks and brings
+        the scores of the rest up to date."""
+        n = self.n_ways
+        scores = _scores(self.key_form[start * n:stop * n], self.centroid_form)  # current for task `start`
+        guess = None
+        while start < stop:
+            left = scores[len(scores) - (stop - start) * n:]
+            nearest, best, runner_up = _two_smallest(left)
+            if guess is None:
+                guess = nearest.reshape(-1, n).copy()
+            guess[0] = self.first_task(start, nearest[:n], best[:n], runner_up[:n])
+            moves = self.moves(start, guess)
+            decided, confirmed = self.confirm(start, guess, moves, left, nearest, best, runner_up)
+            moved, later_scores = self.commit(moves, confirmed)
+            left[confirmed * n:, moved] = later_scores
+            guess = decided.reshape(-1, n)[confirmed:]
+            start += confirmed
+
+    def first_task(self, task: int, nearest, best, runner_up):
+        """The nearest centroids of a task whose scores are current: the float32 ones, or, where a runner-up is
+        within the slack, the plain loop's (its float64 `cdist`, which also settles exact ties its way)."""
+        rows = slice(task * self.n_ways, (task + 1) * self.n_ways)
+        if (runner_up > best + self.slack[rows]).all():
+            return nearest
+        return torch.cdist(torch.from_numpy(self.keys[rows]), torch.from_numpy(self.centroids)).argmin(1).numpy()
+
+    def moves(self, start: int, guess: np.ndarray) -> _Moves:
+        """The matches of the tasks of `guess` [R, N] (tasks start..start+R-1) whose N centroids are distinct, and
+        the centroid values they lead to: the loop's running means, step r done for every centroid's r-th match
+        at once."""
+        n = self.n_ways
+        ordered = np.sort(guess, 1)
+        success = (ordered[:, 1:] != ordered[:, :-1]).all(1)
+        row = np.flatnonzero(np.repeat(success, n))
+        row = row[np.argsort(guess.reshape(-1)[row], kind="stable")]
+        centroid = guess.reshape(-1)[row]
+        index = np.arange(len(row))
+        rank = index - np.maximum.accumulate(np.where(np.diff(centroid, prepend=-1) != 0, index, 0))
+        keys = self.keys[start * n + row]
+        values = np.empty_like(keys)
+        for r in range(rank.max(initial=-1) + 1):
+            at = np.flatnonzero(rank == r)
+            j = centroid[at]
+            before = self.centroids[j] if r == 0 else values[at - 1]
+            values[at] = _running_mean(before, keys[at], (self.counts[j] + r)[:, None])
+        form = _score_form(values)
+        scores = _scores(self.key_form[start * n:(start + len(guess)) * n], form)
+        return _Moves(centroid, row, row // n, rank, values, form, scores)
+
+    def confirm(self, start: int, guess, moves: _Moves, scores, nearest, best, runner_up):
+        """Checks the guessed nearest centroids `guess` [R, N] of tasks start..start+R-1 (the first task's are
+        exact) in one go, against their current `scores`, its `_two_smallest` and the guesses' `moves`.
+
+        A key's scores against the centroids not moved before its task are `scores`: the best of them is `best`
+        if `nearest` has not moved, and at least `runner_up` otherwise. Against the moved ones, they are the
+        scores of the centroids' current values in `moves`. A key is decided when its best candidate beats every
+        other by the slack, so its decision is the loop's if the guesses before it are.
+
+        Returns the keys' decisions and the number of leading tasks confirmed: the first task whose decision
+        differs from the guess or is undecided stops it (the first task is always confirmed)."""
+        n = self.n_ways
+        n_tasks = len(guess)
+        slack = self.slack[start * n:(start + n_tasks) * n]
+        if len(moves.centroid):
+            task, first = moves.task, moves.rank == 0
+            until = np.full(len(task), n_tasks)  # the task that moves the same centroid again
+            until[:-1] = np.where(first[1:], n_tasks, task[1:])
+            row_task = (np.arange(len(scores)) // n)[:, None]
+            moved_scores = np.where((task < row_task) & (row_task <= until), moves.scores, np.inf)
+            pick = moved_scores.argmin(1)
+            moved_best = moved_scores[np.arange(len(scores)), pick]
+            moved_decided = np.count_nonzero(moved_scores <= (moved_best + slack)[:, None], axis=1) == 1
+            moved_nearest = moves.centroid[pick]
+            first_moved = np.full(len(self.centroids), n_tasks)
+            first_moved[moves.centroid[first]] = task[first]
+            nearest_moved = first_moved[nearest] < row_task[:, 0]
+        else:  # no guessed success: nothing moves
+            moved_best = np.full(len(scores), np.inf, dtype=np.float32)
+            moved_nearest, moved_decided, nearest_moved = nearest, True, False
+        take_moved = moved_best + slack < np.where(nearest_moved, runner_up, best)
+        decided = np.where(take_moved, moved_nearest, nearest)
+        certain = np.where(take_moved, moved_decided,
+                           ~nearest_moved & (best + slack < np.minimum(runner_up, moved_best)))
+        stops = (~certain | (decided != guess.reshape(-1))).reshape(n_tasks, n).any(1)
+        stops[0] = False
+        return decided, int(stops.argmax()) if stops.any() else n_tasks
+
+    def commit(self, moves: _Moves, confirmed: int):
+        """Applies the matches of the first `confirmed` tasks of the run: each centroid takes its value after its
+        last one. Returns the moved centroids and the later keys' scores against their new values."""
+        done = moves.task < confirmed
+        last = done.copy()
+        last[:-1] &= ~(done[1:] & (moves.rank[1:] > 0))  # the next match is of the same centroid and done too
+        moved = moves.centroid[last]
+        self.centroids[moved] = moves.values[last]
+        self.counts[moved] += moves.rank[last] + 1
+        self.centroid_form[moved] = moves.form[last]
+        return moved, moves.scores[confirmed * self.n_ways:, last]
 
 
 def prune_mask(hits: torch.Tensor, n_ways: int, std_factor: float) -> torch.Tensor:

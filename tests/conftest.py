@@ -19,7 +19,7 @@ def workspace(tmp_path, monkeypatch):
 
 def run_script(script: str, *overrides: str, cwd: Path, workspace: Path, timeout: int = 300):
     """Run a top-level script as a user would; logs go under `cwd`/logs."""
-    env = dict(os.environ, WORKSPACE=str(workspace), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="2")
+    env = dict(os.environ, WORKSPACE=str(workspace), PYTHONWARNINGS="ignore")
     return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

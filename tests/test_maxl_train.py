@@ -7,9 +7,8 @@ import torch
 from conftest import one_line_error, run_script
 from engine.metrics import NOT_COMPARED, read_metrics
 
-TINY = ["dataset=synthetic_hier", "model.width_mult=0.0625", "device=cpu", "num_workers=0", "progress=false",
-        "batch_size=50", "cossim_every=3"]
-RUN_DIR = "maxl_train/{name}"
+BASE = ["model.width_mult=0.0625", "device=cpu", "num_workers=0", "progress=false", "batch_size=50", "cossim_every=3"]
+TINY = ["dataset=synthetic_hier", "dataset.generate.train_per_class=4", *BASE]
 
 
 def metrics_of(tmp_path, name):
@@ -17,26 +16,36 @@ def metrics_of(tmp_path, name):
     return read_metrics(csv)
 
 
-@pytest.mark.parametrize("method", ["single", "human", "random", "maxl", "maxl_first_order"])
-def test_each_method_trains_one_epoch(method, tmp_path, workspace):
-    result = run_script("maxl_train.py", f"method={method}", "epochs=1", *TINY, "name=run", cwd=tmp_path,
+METHODS = ["single", "human", "random", "maxl", "maxl_first_order"]
+
+
+def test_each_method_trains_one_epoch_in_a_multirun(tmp_path, workspace):
+    """`-m method=...`: one Hydra sweep over every method, each run in its own directory."""
+    result = run_script("maxl_train.py", "-m", f"method={','.join(METHODS)}", "epochs=1", *TINY, cwd=tmp_path,
                         workspace=workspace)
     assert result.returncode == 0, result.stderr
-    checkpoint_dir = workspace / "checkpoint" / "maxl" / "run"
-    assert (checkpoint_dir / "last.pt").is_file() and (checkpoint_dir / "best.pt").is_file()
-    [row] = metrics_of(tmp_path, "run")
-    expected = {"epoch", "train/loss", "train/acc", "test/loss", "test/acc", "time_s"}
-    if method != "single":
-        expected |= {"train/aux_loss", "train/cossim"}
-    if method in ("maxl", "maxl_first_order"):
-        expected |= {"meta/pre_loss", "meta/pre_acc", "meta/after_loss", "meta/after_acc", "gen/entropy",
-                     "gen/nmi", "gen/purity"}
-    assert expected <= set(row), sorted(row)
-    assert all(math.isfinite(v) for v in row.values())
-    assert 0 <= row["test/acc"] <= 1 and -1 <= row["train/cossim" if method != "single" else "test/acc"] <= 1
-    payload = torch.load(checkpoint_dir / "last.pt", weights_only=True)
-    assert payload["epoch"] == 0 and f"method: {method}" in payload["config"]
-    assert (next((tmp_path / "logs" / "maxl_train" / "run").glob("*/curves.png"))).stat().st_size > 0
+    [sweep] = (tmp_path / "logs" / "multirun" / "maxl_train").iterdir()
+    runs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [run.name for run in runs] == [f"{i}_{m}_synthetic_hier_20-100_vgg16_w0.0625_s0" for i, m in enumerate(METHODS)]
+    for method, run in zip(METHODS, runs):
+        assert (run / "config.yaml").is_file() and (run / "curves.png").stat().st_size > 0
+        assert (run / "maxl_train.log").read_text().count("summary:") == 1
+        checkpoint_dir = workspace / "checkpoint" / "maxl" / f"{method}_synthetic_hier_20-100_vgg16_w0.0625_s0"
+        assert (checkpoint_dir / "last.pt").is_file() and (checkpoint_dir / "best.pt").is_file()
+        [row] = read_metrics(run / "metrics.csv")
+        expected = {"epoch", "train/loss", "train/acc", "test/loss", "test/acc", "time_s"}
+        if method != "single":
+            expected |= {"train/aux_loss", "train/cossim"}
+        if method in ("maxl", "maxl_first_order"):
+            expected |= {"meta/pre_loss", "meta/pre_acc", "meta/after_loss", "meta/after_acc", "gen/entropy",
+                         "gen/nmi", "gen/purity"}
+        assert expected <= set(row), (method, sorted(row))
+        assert all(math.isfinite(v) for v in row.values()), method
+        assert 0 <= row["test/acc"] <= 1
+        if method != "single":
+            assert -1 <= row["train/cossim"] <= 1
+        payload = torch.load(checkpoint_dir / "last.pt", weights_only=True)
+        assert payload["epoch"] == 0 and f"method: {method}" in payload["config"]
 
 
 def test_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(tmp_path, workspace):
@@ -70,7 +79,8 @@ def test_resumed_run_ends_with_the_same_metrics_as_an_uninterrupted_one(tmp_path
     (["dataset=cifar100"], "missing data file"),
 ])
 def test_bad_inputs_fail_with_one_line(overrides, message, tmp_path, workspace):
-    result = run_script("maxl_train.py", *TINY, "epochs=1", *overrides, cwd=tmp_path, workspace=workspace)
+    settings = BASE if overrides == ["dataset=cifar100"] else TINY
+    result = run_script("maxl_train.py", *settings, "epochs=1", *overrides, cwd=tmp_path, workspace=workspace)
     line = one_line_error(result)
     assert message in line
     if overrides == ["dataset=cifar100"]:
@@ -89,17 +99,3 @@ def test_corrupt_checkpoint_for_resume_is_refused_and_kept(tmp_path, workspace):
                        workspace=workspace)
     assert "exists from an earlier run" in one_line_error(again)
     assert last.read_bytes() == b"not a checkpoint at all"
-
-
-def test_multirun_gives_each_run_its_own_directory(tmp_path, workspace):
-    result = run_script("maxl_train.py", "-m", "method=single,random", "epochs=1", *TINY, cwd=tmp_path,
-                        workspace=workspace)
-    assert result.returncode == 0, result.stderr
-    [sweep] = (tmp_path / "logs" / "multirun" / "maxl_train").iterdir()
-    runs = sorted(p.name for p in sweep.iterdir() if p.is_dir())
-    assert runs[0].startswith("0_") and "method=single" in runs[0] and "method=random" in runs[1]
-    for run in runs:
-        assert (sweep / run / "metrics.csv").is_file() and (sweep / run / "config.yaml").is_file()
-        assert (sweep / run / "maxl_train.log").read_text().count("summary:") == 1
-    for method in ("single", "random"):
-        assert (workspace / "checkpoint" / "maxl" / f"{method}_synthetic_hier_20-100_vgg16_w0.0625_s0" / "last.pt").is_file()

@@ -1,0 +1,20 @@
+"""MeLa step 2, global label inference and pre-training on the inferred labels:
+`python learn_labeler.py dataset=miniImageNet pretrained_labeler=<learn_meta_repr run or .pt> [key=value ...]`."""
+from engine import hydra_main
+from methods.mela import (META_STEPS, SupervisedJob, infer_global_labels, int_list, load_step,
+                          pretrained_backbone, saved_model_cfg, validator)
+
+
+@hydra_main("learn_labeler")
+def main(cfg, session):
+    payload, path = load_step(cfg.pretrained_labeler, "pretrained_labeler", META_STEPS, cfg.checkpoint_dir)
+    labeling_backbone = pretrained_backbone(payload, saved_model_cfg(payload))
+    inferred = infer_global_labels(cfg, session, labeling_backbone, origin=str(path))
+    evaluator = validator(cfg, session, cfg.val_n_ways, C=1 / cfg.lam)
+    job = SupervisedJob(cfg, session, inferred.dataset, evaluator, validate_from=int_list(cfg.lr_decay_epochs)[0],
+                        rotate=cfg.sup_rotate_aug)
+    return session.fit(job, cfg.epochs)
+
+
+if __name__ == "__main__":
+    main()
