@@ -5,7 +5,7 @@ PY := .venv/bin/python
 #   make setup TORCH_SPEC="torch==2.5.1 torchvision==0.20.1 --index-url https://download.pytorch.org/whl/cu121"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo demo_maxl bench bench_maxl download_cifar100 download_cifar10
+.PHONY: setup test demo demo_maxl demo_mela pipeline bench bench_maxl bench_mela download_cifar100 download_cifar10
 
 setup: .venv/.installed
 
@@ -22,7 +22,7 @@ test: setup
 # ---- MAXL ---------------------------------------------------------------------------------------------------
 DEMO_MAXL := dataset=digits model.width_mult=0.25 epochs=15 device=cpu num_workers=0 progress=false overwrite=true
 
-demo: demo_maxl
+demo: demo_maxl demo_mela
 
 demo_maxl: setup
 	for method in single human maxl; do \
@@ -30,10 +30,27 @@ demo_maxl: setup
 	$(PY) -m engine.report logs/demo/maxl/single logs/demo/maxl/human logs/demo/maxl/maxl \
 	  --metric test/acc --plot logs/demo/maxl/test_accuracy.png
 
-bench: bench_maxl
+bench: bench_maxl bench_mela bench_data   # options: BENCH_MAXL_ARGS, BENCH_MELA_ARGS, BENCH_DATA_ARGS
 
 bench_maxl: setup
-	$(PY) bench/bench_maxl.py $(BENCH_ARGS)
+	$(PY) bench/bench_maxl.py $(BENCH_MAXL_ARGS)
+
+# ---- MeLa ---------------------------------------------------------------------------------------------------
+# The whole chain on one dataset, then meta_eval of every stage:  make pipeline DATASET=miniImageNet ARGS='...'
+# ARGS go to every step that has the key; SCRIPT:key=value to one step (e.g. fine_tune:epochs=2).
+DATASET ?= synthetic_fs
+pipeline: setup
+	$(PY) -m methods.pipeline --dataset $(DATASET) -- $(ARGS)
+
+# digits: classes 0-3 / 4-6 / 7-9, so 3-way tasks; the labeler needs more tasks than K / n_ways, hence random ones.
+DEMO_MELA := model.width_mult=0.5 device=cpu num_workers=0 progress=false overwrite=true n_ways=3 val_n_ways=3 \
+  test_db_size=300 learn_meta_repr:epochs=20 learn_labeler:epochs=6 sup_baseline:epochs=6 \
+  learn_labeler:no_replacement=false learn_labeler:train_db_size=20 K=30
+demo_mela: setup
+	$(PY) -m methods.pipeline --dataset digits --name demo -- $(DEMO_MELA)
+
+bench_mela: setup
+	$(PY) bench/bench_mela.py $(BENCH_MELA_ARGS)
 
 download_cifar100: setup
 	$(PY) -m dataset.cifar100 --download
@@ -63,8 +80,6 @@ $(MELA_DOWNLOADS): setup
 
 unpack_datasets: setup
 	$(PY) -m dataset.downloads --data-dir "$(MELA_DATA_DIR)" unpack
-
-bench: bench_data   # `make bench` runs this benchmark too
 
 bench_data: setup
 	$(PY) bench/bench_data.py $(BENCH_DATA_ARGS)

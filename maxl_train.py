@@ -8,8 +8,8 @@ from methods.maxl import MaxlJob
 def main(cfg, session):
     data = load_hierarchical(cfg.dataset)
     job = MaxlJob(cfg, data, session)
-    session.log.info(f"{cfg.method}: psi={job.task.psi}, {len(data.train_images)} training and "
-                     f"{len(data.test_images)} test images")
+    psi = f", psi={job.task.psi}" if job.has_auxiliary else ""
+    session.log.info(f"{cfg.method}{psi}: {len(data.train_images)} training and {len(data.test_images)} test images")
     return session.fit(job, cfg.epochs)
 
 

@@ -2,8 +2,11 @@
 
     python bench/bench_maxl.py [--methods single,human,maxl,maxl_first_order,reference] [--batch-size 100]
                                [--image-size 32] [--width 1.0] [--device cpu|cuda] [--iters 5]
+                               [--nproc 1] [--precision fp32|bf16]
 
-Prints one JSON line per method. Each method runs in its own process so that peak memory is its own.
+Prints one JSON line per method. Each method runs in its own process (or, with --nproc N, N processes under
+torchrun, each with batch_size / N images: the global batch stays the same) so that peak memory is its own.
+images_per_s counts the phase-1 and meta passes over the global batch.
 `reference` times the reference implementation's procedure (spec maxl.md §3), written here with this
 project's models: COSSIM on every phase-1 iteration (two extra backward passes), generator forward with
 autograd in phase 1 (its backward wasted), and a meta step that takes the inner gradient with
@@ -35,7 +38,7 @@ def build_job(method: str, args, channels_last: bool):
 
     cfg = compose("maxl_train", [f"method={method}", f"model.width_mult={args.width}", f"batch_size={args.batch_size}",
                                  f"device={args.device}", f"channels_last={channels_last}", "num_workers=0",
-                                 "dataset=cifar100", "cossim_every=50"])
+                                 "dataset=cifar100", "cossim_every=50", f"precision={args.precision}"])
     rng = np.random.default_rng(0)
     n, size = args.batch_size, args.image_size
     fine = rng.integers(0, 100, n)
@@ -119,12 +122,15 @@ def measure(method: str, args) -> dict:
     result = {"method": method, "phase1_s": round(timed(phase1, device, args.iters), 4)}
     result["meta_s"] = round(timed(meta, device, args.iters), 4) if meta else None
     result["pair_s"] = round(result["phase1_s"] + (result["meta_s"] or 0), 4)
+    result["images_per_s"] = round(args.batch_size * (2 if meta else 1) / result["pair_s"], 1)
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"  # bytes; CPU: growth of the peak RSS (KiB)
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline_rss) * 1024)
     result["peak_mem_mb"] = round(peak / 2**20, 1)
     result |= {"batch_size": args.batch_size, "image_size": args.image_size, "width": args.width,
-               "device": str(device), "threads": torch.get_num_threads()}
-    return result
+               "device": device.type, "nproc": job.session.world_size, "precision": job.session.precision,
+               "threads": torch.get_num_threads()}
+    job.session.close()
+    return result if job.session.is_main else None
 
 
 def main():
@@ -135,27 +141,38 @@ def main():
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--nproc", default="1", help="processes (torchrun; gloo on CPU, nccl on CUDA); a list such "
+                                                     "as 1,2 measures each")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one, args)))
+        result = measure(args.one, args)
+        if result:
+            print(json.dumps(result))
         return
-    results = []
-    for method in args.methods.split(","):
-        command = [sys.executable, __file__, "--one", method] + [a for a in sys.argv[1:] if not a.startswith("--methods")]
-        if "--methods" in sys.argv:
-            index = sys.argv.index("--methods")
-            command = [sys.executable, __file__, "--one", method] + sys.argv[1:index] + sys.argv[index + 2:]
-        output = subprocess.run(command, check=True, capture_output=True, text=True,
-                                env=dict(os.environ, PYTHONWARNINGS="ignore")).stdout
-        results.append(json.loads(output.strip().splitlines()[-1]))
-        print(json.dumps(results[-1]), flush=True)
-    by_method = {r["method"]: r for r in results}
-    if "maxl" in by_method and "reference" in by_method:
-        print(json.dumps({"maxl_pair_over_reference": round(by_method["maxl"]["pair_s"] / by_method["reference"]["pair_s"], 3),
-                          "phase1_over_single": round(by_method["maxl"]["phase1_s"] / by_method["single"]["phase1_s"], 3)
-                          if "single" in by_method else None}))
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("methods", "one", "nproc")]
+    for nproc in (int(n) for n in args.nproc.split(",")):
+        # The reference procedure is single-process (it has no gradient reduction).
+        methods = [m for m in args.methods.split(",") if nproc == 1 or m != "reference"]
+        results = {method: run_one(method, nproc, settings) for method in methods}
+        if "maxl" in results and "reference" in results:
+            ratios = {"nproc": nproc,
+                      "maxl_pair_over_reference": round(results["maxl"]["pair_s"] / results["reference"]["pair_s"], 3)}
+            if "single" in results:
+                ratios["maxl_phase1_over_single"] = round(results["maxl"]["phase1_s"] / results["single"]["phase1_s"], 3)
+            print(json.dumps(ratios))
 
+
+def run_one(method: str, nproc: int, settings: list[str]) -> dict:
+    """Measure one method in fresh processes and print its JSON line."""
+    launcher = [sys.executable] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29599"]
+    output = subprocess.run([*launcher, __file__, "--one", method, *settings], check=True, capture_output=True,
+                            text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")).stdout
+    result = json.loads(output.strip().splitlines()[-1])
+    print(json.dumps(result), flush=True)
+    return result
 
 if __name__ == "__main__":
     main()

@@ -3,30 +3,53 @@
 Every rank runs the same script on the same config. Models start identical (same seed), data is sharded, and
 metrics are reduced; rank 0 alone writes logs, metrics and checkpoints.
 """
+import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
+
+
+def adopt_submitit_ranks() -> None:
+    """Inside a job of Hydra's submitit launcher (hydra/launcher=slurm) with several tasks, one per GPU: set the
+    variables torchrun would set (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from the job."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "RANK" in os.environ:
+        return
+    import submitit
+
+    if submitit.JobEnvironment().num_tasks > 1:
+        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_mean_(tensors) -> None:
-    """Average tensors across ranks, in place (no-op in one process)."""
+def _all_reduce_(tensors, average: bool) -> None:
+    """One collective for all of `tensors` (flattened into one buffer per dtype), written back in place."""
     if not is_distributed():
         return
     world = dist.get_world_size()
+    by_dtype = {}
     for tensor in tensors:
-        dist.all_reduce(tensor)
-        tensor.div_(world)
+        by_dtype.setdefault(tensor.dtype, []).append(tensor)
+    for group in by_dtype.values():
+        buffer = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(buffer)
+        if average:
+            buffer /= world
+        for tensor, part in zip(group, buffer.split([t.numel() for t in group])):
+            tensor.copy_(part.view_as(tensor))
+
+
+def all_reduce_mean_(tensors) -> None:
+    """Average tensors across ranks, in place (no-op in one process)."""
+    _all_reduce_(list(tensors), average=True)
 
 
 def all_reduce_sum_(tensors) -> None:
-    if not is_distributed():
-        return
-    for tensor in tensors:
-        dist.all_reduce(tensor)
+    """Sum tensors across ranks, in place (no-op in one process)."""
+    _all_reduce_(list(tensors), average=False)
 
 
 def gather_objects(obj) -> list:

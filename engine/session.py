@@ -13,7 +13,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from engine.distributed import ShardedShuffleSampler, ShardSampler, is_distributed
+from engine.distributed import ShardedShuffleSampler, ShardSampler, adopt_submitit_ranks, is_distributed
 from engine.errors import UserError
 from engine.workspace import DEFAULT_WORKSPACE
 
@@ -68,6 +68,7 @@ class Session:
         self.cfg = cfg
         self.script = script
         self.run_dir = Path(run_dir)
+        adopt_submitit_ranks()
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -1,4 +1,5 @@
 """Several processes on CPU (gloo): the result equals one process on the same global batch."""
+import json
 import os
 import subprocess
 import sys
@@ -83,3 +84,40 @@ def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, 
     for key in ("model", "generator"):
         for name, tensor in got[key].items():
             assert torch.equal(resumed[key][name], tensor), (key, name)
+
+
+MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_workers=0", "progress=false",
+        "test_db_size=10"]
+
+
+def test_mela_steps_run_on_two_processes_and_meta_eval_matches_one_process(tmp_path, workspace):
+    from conftest import run_script
+
+    steps = [("learn_meta_repr", ["epochs=1", "tasks_per_step=2", "name=lmr"]),
+             ("learn_labeler", ["epochs=1", "name=ll", "pretrained_labeler=lmr", "K=20", "no_replacement=false",
+                                "train_db_size=20", "batch_size=50"]),
+             ("meta_eval", ["pretrained_model=ll", "hydra.run.dir=two"])]
+    for port, (script, args) in enumerate(steps, start=29621):
+        result = torchrun([str(ROOT / f"{script}.py"), *MELA, *args], tmp_path, workspace, port)
+        assert result.returncode == 0, result.stderr[-3000:]
+    labeler_log = next((tmp_path / "logs" / "learn_labeler" / "ll").glob("*/learn_labeler.log")).read_text()
+    assert "2 processes" in labeler_log and "clusters for 10 true classes" in labeler_log
+    one = run_script("meta_eval.py", *MELA, "pretrained_model=ll", "hydra.run.dir=one", cwd=tmp_path,
+                     workspace=workspace)
+    assert one.returncode == 0, one.stderr
+    # the tasks split across ranks and gathered give the one-process results
+    results = [json.loads((tmp_path / run / "results.json").read_text())["results"] for run in ("one", "two")]
+    assert results[0] == results[1]
+
+
+def test_submitit_launcher_tasks_become_ranks(tmp_path, workspace):
+    """hydra/launcher=slurm's code path without SLURM: submitit's local executor with two tasks in one job."""
+    from conftest import run_script
+
+    result = run_script("maxl_train.py", "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2",
+                        "method=single", "epochs=1", *RUN[1:], "name=submitit", cwd=tmp_path, workspace=workspace)
+    assert result.returncode == 0, result.stderr
+    [log] = (tmp_path / "logs" / "multirun" / "maxl_train").glob("*/0_submitit/maxl_train.log")
+    text = log.read_text()
+    assert "2 processes" in text and text.count("summary:") == 1
+    assert (workspace / "checkpoint" / "maxl" / "submitit" / "last.pt").is_file()
