@@ -42,16 +42,27 @@ def looks_like_html(head: bytes) -> bool:
     return start.startswith((b"<!doctype html", b"<html", b"<head"))
 
 
-def load_pickle(path: Path, make_target: str | None = None):
-    """Load a data pickle; a missing, HTML, truncated or code-running file is a `UserError` naming the path."""
+def make_hint(make_target: str | None) -> str:
+    return f" (run `make {make_target}`)" if make_target else ""
+
+
+def require_file(path: Path, make_target: str | None) -> Path:
+    """`path` if it is a data file; otherwise the error a user can act on (missing, or a saved web page)."""
     path = Path(path)
-    hint = f" (run `make {make_target}`)" if make_target else ""
     if not path.is_file():
-        raise UserError(f"missing data file {path}{hint}")
+        raise UserError(f"missing data file {path}{make_hint(make_target)}")
     with open(path, "rb") as handle:
         if looks_like_html(handle.read(512)):
-            raise UserError(f"{path} is an HTML page, not a pickle: the download was replaced by a web page; "
-                            f"delete it and download again{hint}")
+            raise UserError(f"{path} is an HTML page, not data: the download was replaced by a web page; "
+                            f"delete it and download again{make_hint(make_target)}")
+    return path
+
+
+def load_pickle(path: Path, make_target: str | None = None):
+    """Load a data pickle; a missing, HTML, truncated or code-running file is a `UserError` naming the path."""
+    path = require_file(path, make_target)
+    hint = make_hint(make_target)
+    with open(path, "rb") as handle:
         handle.seek(0)
         try:
             return _RestrictedUnpickler(handle, encoding="latin1").load()

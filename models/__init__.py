@@ -33,5 +33,15 @@ def scaled(channels: int, width_mult: float) -> int:
     return max(1, int(round(channels * width_mult)))
 
 
+def kaiming_init(module: nn.Module, nonlinearity: str) -> None:
+    """Kaiming-normal (fan-out) convolutions, batch norm weight 1 and bias 0: the MeLa backbones' init."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=nonlinearity)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 # Importing the modules fills the registry.
 from models import vgg, maxl_nets, resnet, conv4, resfc  # noqa: E402,F401

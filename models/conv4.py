@@ -2,7 +2,7 @@
 average pooling: a 64-d feature (x width_mult) for inputs of 8x8 pixels and up."""
 import torch.nn as nn
 
-from models import register_model, scaled
+from models import kaiming_init, register_model, scaled
 
 
 class Conv4(nn.Module):
@@ -17,12 +17,7 @@ class Conv4(nn.Module):
             channels = width
         self.layers = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.feat_dim = width
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self, "relu")
 
     def forward(self, x):
         return self.layers(x)

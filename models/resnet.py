@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import UserError
-from models import register_model, scaled
+from models import kaiming_init, register_model, scaled
 
 STAGE_CHANNELS = (64, 160, 320, 640)
 KEEP_SCHEDULE_STEPS = 40000  # forwards over which DropBlock's keep rate falls from 1 to 1 - drop_rate
@@ -91,12 +91,7 @@ class ResNet(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.feat_dim = channels
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        kaiming_init(self, "leaky_relu")
 
     def forward(self, x):
         if min(x.shape[-2:]) < 16:

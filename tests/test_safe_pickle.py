@@ -78,7 +78,7 @@ def test_missing_html_and_truncated_files_name_the_path_and_target(tmp_path):
     with pytest.raises(UserError, match=r"missing data file .*nothere\.pkl \(run `make download_x`\)"):
         load_pickle(tmp_path / "nothere.pkl", "download_x")
     (tmp_path / "page.pkl").write_bytes(b"\n  <!DOCTYPE html><html>login</html>")
-    with pytest.raises(UserError, match=r"page\.pkl is an HTML page, not a pickle.*make download_x"):
+    with pytest.raises(UserError, match=r"page\.pkl is an HTML page, not data.*make download_x"):
         load_pickle(tmp_path / "page.pkl", "download_x")
     (tmp_path / "cut.pkl").write_bytes(pickle.dumps({"data": np.zeros(1000)})[:500])
     with pytest.raises(UserError, match=r"cut\.pkl is truncated or not a pickle") as err:

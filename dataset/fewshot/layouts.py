@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from dataset.safe_pickle import load_pickle, looks_like_html
+from dataset.safe_pickle import load_pickle, make_hint, require_file
 from engine.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -28,19 +28,6 @@ MINI_IMAGENET_FILES = {
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
 
-def _hint(make_target: str | None) -> str:
-    return f" (run `make {make_target}`)" if make_target else ""
-
-
-def require_file(path: Path, make_target: str | None) -> Path:
-    """`path` if it is a data file; otherwise the error a user can act on (missing, or a saved web page)."""
-    if not path.is_file():
-        raise UserError(f"missing data file {path}{_hint(make_target)}")
-    with open(path, "rb") as handle:
-        if looks_like_html(handle.read(512)):
-            raise UserError(f"{path} is an HTML page, not data: the download was replaced by a web page; "
-                            f"delete it and download again{_hint(make_target)}")
-    return path
 
 
 def checked(images: np.ndarray, labels, source: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +62,7 @@ def read_npy(path: Path, make_target: str | None, memory_map: bool = True) -> np
     try:
         return np.load(path, mmap_mode="r" if memory_map else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
-        raise UserError(f"{path} is truncated or not a .npy file ({exc}){_hint(make_target)}") from None
+        raise UserError(f"{path} is truncated or not a .npy file ({exc}){make_hint(make_target)}") from None
 
 
 def read_npz_array(path: Path, key: str, make_target: str | None) -> np.ndarray:
@@ -91,9 +78,9 @@ def read_npz_array(path: Path, key: str, make_target: str | None) -> np.ndarray:
         with np.load(path, allow_pickle=False) as archive:  # compressed: it has to be read
             return archive[key]
     except KeyError:
-        raise UserError(f"{path} has no array '{key}'{_hint(make_target)}") from None
+        raise UserError(f"{path} has no array '{key}'{make_hint(make_target)}") from None
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise UserError(f"{path} is truncated or not an .npz file ({exc}){_hint(make_target)}") from None
+        raise UserError(f"{path} is truncated or not an .npz file ({exc}){make_hint(make_target)}") from None
 
 
 def _memory_map_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
