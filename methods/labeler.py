@@ -14,9 +14,11 @@ array [N, S] into them (N classes, S = K+Q images each). A task's N "keys" are i
    when two keys share one; every image of an accepted task takes its class's centroid id (shifted to start at 0).
 
 The pass is sequential (each success moves centroids the next task sees). `labeler_pass` scores a block of tasks
-against all centroids in one float32 matmul and then walks the block, recomputing only the columns of centroids
-moved earlier in the block; near ties are settled in float64. It makes the same decisions as the plain loop
-`reference_pass`, several times faster. Centroids are float64, on the CPU.
+against all centroids in one float32 matmul, guesses the block's decisions and checks them all at once against the
+centroids as the guessed successes before each task move them; the confirmed tasks are committed and the rest
+checked again. Near ties are settled by the plain loop's float64 `cdist`. It makes the same decisions, and the
+same float64 centroids bit for bit, as the plain loop `reference_pass`, several times faster. Centroids are
+float64, on the CPU.
 """
 import logging
 import math
@@ -36,7 +38,7 @@ from engine.errors import UserError
 
 log = logging.getLogger("metalabel")
 
-PASS_BLOCK = 32  # tasks per score block: larger amortises the matmul, smaller has fewer moved centroids to check
+PASS_BLOCK = 24  # tasks per block: larger amortises the matmul and the checks, smaller has less to re-check
 
 
 def stack_domains(features: list[torch.Tensor], tasks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
@@ -99,12 +101,13 @@ def labeler_pass(keys: torch.Tensor, centroids: torch.Tensor, counts: torch.Tens
     """The same pass as `reference_pass` (same arguments, same results), fast.
 
     A key k's nearest centroid minimises |c|^2 - 2 k.c = [-2k, 1].[c, |c|^2]. These scores for a block of tasks
-    against all centroids come from one float32 matmul. Rather than walking the block task by task, the pass
-    guesses all its decisions, works out what they would do to the centroids and checks them all at once
-    (`_FastPass.confirm`); the confirmed tasks are committed and the rest checked again with the decisions found,
-    usually once or twice per block. float32 is only a screen: a decision is trusted only when its nearest
-    centroid beats every other by more than float32's error bound, otherwise the plain loop's float64 `cdist`
-    makes it, so every decision is the loop's. Centroids update in float64, with the loop's formula and order.
+    against all centroids come from one float32 matmul. Rather than walking the block task by task (numpy calls
+    per task dominate such a walk), the pass guesses all its decisions, works out what they do to the centroids
+    and checks them all at once (`_FastPass.confirm`); the confirmed tasks are committed and the rest checked again
+    with the decisions found, one to three rounds per block. float32 is only a screen: a decision is trusted
+    only when its nearest centroid beats every other by more than float32's error bound, otherwise the plain
+    loop's float64 `cdist` makes it, so every decision is the loop's. Centroids update in float64 with the loop's
+    formula, each centroid's matches in order.
     """
     fast = _FastPass(keys, centroids, counts)
     for start in range(0, len(keys), block):
@@ -114,11 +117,19 @@ def labeler_pass(keys: torch.Tensor, centroids: torch.Tensor, counts: torch.Tens
             torch.from_numpy(hits))
 
 
+# The pass's matmuls go through torch, whose threads also serve the class means and `cdist`: numpy's BLAS has
+# threads of its own that busy-wait after each call and fight torch's for a few cores (many times slower on 2).
+# oneDNN's float32 matmul is about twice MKL's speed where MKL skips AVX-512 (AMD CPUs); it costs more per call.
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.aten, "mkldnn_linear")
+
+
 def _scores(key_form: np.ndarray, centroid_form: np.ndarray) -> np.ndarray:
-    # float32 key_form @ centroid_form.T through torch: its threads are the ones the class means and `cdist` use.
-    # numpy's BLAS has threads of its own that busy-wait after each call and fight torch's for a few cores (up to
-    # tens of times slower on 2 busy cores); the pass's other numpy operations are single-threaded.
-    return (torch.from_numpy(key_form) @ torch.from_numpy(centroid_form).T).numpy()
+    """key_form @ centroid_form.T in float32 (any float32 matmul does: the scores are screened with its error
+    bound, see `_FastPass`)."""
+    keys, centroids = torch.from_numpy(key_form), torch.from_numpy(centroid_form)
+    if _ONEDNN and len(keys) * len(centroids) >= 16384:
+        return torch.ops.aten.mkldnn_linear(keys.to_mkldnn(), centroids).to_dense().numpy()
+    return (keys @ centroids.T).numpy()
 
 
 def _score_form(centroids: np.ndarray) -> np.ndarray:
@@ -153,7 +164,13 @@ class _Moves(NamedTuple):
 
 class _FastPass:
     """`labeler_pass`'s state: keys (rows, task-major) and centroids in float64, the decisions' precision, and in
-    float32 score form."""
+    float32 score form.
+
+    Why the checked decisions are the loop's: a task's decision depends on earlier tasks only through the centroids
+    they moved. The first task of a round sees current scores, so its decision is exact. Each later task is checked
+    against the centroids as the guessed decisions before it leave them; if those guesses are the loop's decisions,
+    so is its checked decision, and by induction every task up to the first one whose check disagrees with its
+    guess (or cannot decide) is confirmed. That one starts the next round, with current scores."""
 
     def __init__(self, keys: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor):
         _, self.n_ways, dim = keys.shape
@@ -167,7 +184,7 @@ class _FastPass:
         # |float32 score - exact| <= (dim + 4) u (|k| + |c|)^2 with u = eps / 2 (dot products of length dim,
         # inputs rounded to float32), so two scores closer than 2 (dim + 4) u (...)^2 may be misordered; the slack
         # is twice that. Running means stay in the ball holding the keys and the initial centroids: |c| <= radius.
-        key_norms = np.sqrt(np.einsum("rd,rd->r", self.key_form[:, :dim], self.key_form[:, :dim])) / 2
+        key_norms = np.sqrt(np.einsum("rd,rd->r", self.keys, self.keys))
         radius = max(key_norms.max(initial=0), np.sqrt(self.centroid_form[:, dim].max()))
         self.slack = (2 * (dim + 4) * np.finfo(np.float32).eps * (key_norms + radius) ** 2).astype(np.float32)
 
@@ -211,13 +228,12 @@ class _FastPass:
         centroid = guess.reshape(-1)[row]
         index = np.arange(len(row))
         rank = index - np.maximum.accumulate(np.where(np.diff(centroid, prepend=-1) != 0, index, 0))
-        keys = self.keys[start * n + row]
-        values = np.empty_like(keys)
+        values = np.empty((len(row), self.keys.shape[1]))
         for r in range(rank.max(initial=-1) + 1):
             at = np.flatnonzero(rank == r)
             j = centroid[at]
             before = self.centroids[j] if r == 0 else values[at - 1]
-            values[at] = _running_mean(before, keys[at], (self.counts[j] + r)[:, None])
+            values[at] = _running_mean(before, self.keys[start * n + row[at]], (self.counts[j] + r)[:, None])
         form = _score_form(values)
         scores = _scores(self.key_form[start * n:(start + len(guess)) * n], form)
         return _Moves(centroid, row, row // n, rank, values, form, scores)
@@ -295,7 +311,6 @@ def cluster(keys: torch.Tensor, n_centroids: int, std_factor: float, seed: int =
     `np.random.default_rng(seed)`, so a run is repeatable. `pass_fn=reference_pass` runs the plain loop."""
     rng = np.random.default_rng(seed)
     n_tasks, n_ways, _ = keys.shape
-    # Shuffled with numpy: a multi-threaded torch op just before the pass's BLAS calls slows them on few cores.
     keys = keys.detach().cpu().to(torch.float64).numpy()
     centroids = initial_centroids(torch.from_numpy(keys[rng.permutation(n_tasks)]), n_centroids)
     counts = torch.zeros(n_centroids, dtype=torch.long)

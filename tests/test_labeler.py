@@ -65,7 +65,7 @@ def test_fast_pass_equals_plain_loop(block):
 
 
 def test_fast_pass_decides_exact_ties_like_the_loop():
-    # One image per class and binary features: many exactly tied distances, settled in float64 by the fast pass.
+    # One image per class and binary features: many exactly tied distances, settled by the loop's own float64 cdist.
     g = torch.Generator().manual_seed(3)
     features = torch.randint(0, 2, (200, 8), generator=g).float()
     tasks = torch.randperm(200, generator=g)[:180].view(45, 4, 1)
@@ -78,6 +78,35 @@ def test_fast_pass_decides_exact_ties_like_the_loop():
         assert torch.equal(fast[1], plain[1]) and torch.equal(fast[2], plain[2])
         torch.testing.assert_close(fast[0], plain[0], rtol=1e-12, atol=1e-12)
         centroids, counts = fast[0], fast[1]
+
+
+def test_fast_pass_rechecks_a_decision_changed_within_its_block():
+    # 1-d, one class per task. Task 0's key 9 replaces centroid 1 (10 -> 9: its first match); task 1's key 4.6 was
+    # nearer centroid 0 at the block's start (4.6 against 5.4) but is nearer centroid 1's new value (4.4).
+    keys = torch.tensor([[[9.0]], [[4.6]]], dtype=torch.float64)
+    centroids = torch.tensor([[0.0], [10.0]], dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.long)
+    fast = labeler_pass(keys, centroids, counts, block=2)
+    plain = reference_pass(keys, centroids, counts)
+    assert fast[1].tolist() == plain[1].tolist() == [0, 2]
+    assert torch.equal(fast[0], plain[0]) and fast[0][1, 0].item() == pytest.approx(6.8)
+
+
+def test_fast_pass_equals_plain_loop_on_random_small_cases():
+    # Few dimensions and centroids, any block size: collisions, re-checks, near and exact ties (binary keys), and
+    # both of cdist's paths (K <= 25 and K > 25). Same counts and hits, and the same centroids bit for bit.
+    rng = np.random.default_rng(0)
+    for case in range(100):
+        n_ways, n_centroids = int(rng.integers(1, 6)), int(rng.integers(1, 40))
+        n_tasks, dim = int(rng.integers(1, 40)), int(rng.integers(1, 8))
+        if case % 2:
+            keys = rng.integers(0, 2, (n_tasks, n_ways, dim)).astype(np.float64)
+            centroids = rng.integers(0, 2, (n_centroids, dim)).astype(np.float64)
+        else:
+            keys, centroids = rng.normal(size=(n_tasks, n_ways, dim)), rng.normal(size=(n_centroids, dim))
+        args = torch.from_numpy(keys), torch.from_numpy(centroids), torch.from_numpy(rng.integers(0, 4, n_centroids))
+        fast, plain = labeler_pass(*args, block=int(rng.integers(1, 50))), reference_pass(*args)
+        assert all(torch.equal(a, b) for a, b in zip(fast, plain)), case
 
 
 def test_whole_clustering_equals_plain_loop():
