@@ -15,10 +15,8 @@ the speed target (maxl pair time <= 0.65 x reference).
 """
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.launch import run_processes  # noqa: E402
 
 
 def build_job(method: str, args, channels_last: bool):
@@ -44,9 +44,11 @@ def build_job(method: str, args, channels_last: bool):
     fine = rng.integers(0, 100, n)
     from dataset.cifar100 import hierarchy_labels
 
-    labels = hierarchy_labels(fine // 5, fine)
     images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
-    data = HierarchicalData("bench", images, labels, images, labels)
+    every_class = np.arange(100)  # a test split with every class, so that a small batch still has all levels
+    test_images = rng.integers(0, 256, (100, size, size, 3), dtype=np.uint8)
+    data = HierarchicalData("bench", images, hierarchy_labels(fine // 5, fine), test_images,
+                            hierarchy_labels(every_class // 5, every_class))
     session = Session(cfg, Path(tempfile.mkdtemp()), "maxl_train")
     job = MaxlJob(cfg, data, session)
     x, targets, _ = next(iter(job.train_loader))
@@ -166,13 +168,11 @@ def main():
 
 def run_one(method: str, nproc: int, settings: list[str]) -> dict:
     """Measure one method in fresh processes and print its JSON line."""
-    launcher = [sys.executable] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29599"]
-    output = subprocess.run([*launcher, __file__, "--one", method, *settings], check=True, capture_output=True,
-                            text=True, env=dict(os.environ, PYTHONWARNINGS="ignore")).stdout
+    output = run_processes(__file__, ["--one", method, *settings], nproc, port=29599)
     result = json.loads(output.strip().splitlines()[-1])
     print(json.dumps(result), flush=True)
     return result
+
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """MeLa's hot paths, one JSON line each:
 
     python bench/bench_mela.py [--only meta_step,labeler,meta_eval,supervised,features] [--device cpu|cuda]
+                               [--nproc 1] [--precision fp32|bf16] [--no-channels-last] [--compile]
                                [--quick] [--image-size 84] [--width 1.0] [--iters 3] ...
 
 meta_step   learn_meta_repr's step: ResNet-12, n-way k-shot q-query tasks: forward + MetaLS + backward + SGD step
@@ -12,11 +13,17 @@ meta_eval   logistic-regression tasks per second on given features, 1-shot and 5
 supervised  pseudo-label / sup_baseline training images per second (ResNet-12 + linear head, SGD)
 features    feature extraction images per second (eval mode, inference_mode, large batches)
 
-Times are the best of `--iters` repetitions after one warm-up. --quick shrinks everything for a smoke run.
+meta_step, supervised and features run through the engine's Session as the scripts do (DDP, autocast,
+channels-last, compile), with --nproc N in N processes under torchrun (gloo on CPU, nccl on CUDA) that share the
+global batch (--tasks-per-step, --batch-size, --feature-batch); --nproc 1,2 measures each. Their figures are the
+global throughput of `--iters` steps timed together after one warm-up step. labeler and meta_eval run once, in
+one process; their times are the best of `--iters` repetitions after one warm-up. --quick shrinks everything for
+a smoke run.
 """
 import argparse
 import json
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -28,13 +35,16 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.launch import run_processes  # noqa: E402
+from engine import Session, compose  # noqa: E402
 from methods.fewshot_eval import extract_features, task_accuracies  # noqa: E402
 from methods.labeler import PASS_BLOCK, class_means, initial_centroids, labeler_pass, reference_pass  # noqa: E402
-from methods.meta_ls import MetaLS  # noqa: E402
-from methods.supervised import build_classifier, classification_loss  # noqa: E402
+from methods.meta_ls import MetaLS, meta_train_epoch  # noqa: E402
+from methods.supervised import build_classifier, supervised_train_epoch  # noqa: E402
 from models import create_model  # noqa: E402
 
 BENCHES = ("meta_step", "labeler", "meta_eval", "supervised", "features")
+SESSION_BENCHES = ("meta_step", "supervised", "features")  # through the engine: --nproc, --precision, --compile
 
 
 def best_time(fn, iters: int, device: torch.device) -> float:
@@ -52,30 +62,49 @@ def best_time(fn, iters: int, device: torch.device) -> float:
     return min(times)
 
 
-def backbone(args, device):
-    model = create_model("resnet12", width_mult=args.width).to(device)
-    return model.to(memory_format=torch.channels_last) if args.channels_last else model
+def open_session(args) -> Session:
+    """A Session as the scripts get it (this rank's device, precision, layout, compile), writing to a scratch dir."""
+    scratch = tempfile.mkdtemp(prefix="bench_mela_")
+    cfg = compose("sup_baseline", [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
+                                   f"channels_last={args.channels_last}", "num_workers=0", "progress=false",
+                                   f"workspace={scratch}", "overwrite=true"])
+    return Session(cfg, Path(scratch) / "run", "bench_mela")
 
 
-def bench_meta_step(args, device):
+def local_share(total: int, session: Session, flag: str) -> int:
+    if total % session.world_size:
+        raise SystemExit(f"error: {flag} {total} is not divisible by {session.world_size} processes: "
+                         f"choose a multiple of {session.world_size}")
+    return total // session.world_size
+
+
+def timed_epoch(run_epoch, args, session: Session) -> float:
+    """Seconds for `--iters` steps of a real training epoch, after a one-step warm-up epoch, all ranks together."""
+    run_epoch(1)
+    session.barrier()
+    if session.device.type == "cuda":
+        torch.cuda.synchronize(session.device)
+    start = time.perf_counter()
+    run_epoch(args.iters)
+    if session.device.type == "cuda":
+        torch.cuda.synchronize(session.device)
+    session.barrier()
+    return time.perf_counter() - start
+
+
+def bench_meta_step(args, session: Session):
     n, k, q, size = args.n_ways, args.n_shots, args.n_queries, args.image_size
-    learner = MetaLS(backbone(args, device), n_ways=n, lam=1e-3).train()
+    backbone = session.prepare(create_model("resnet12", width_mult=args.width))
+    learner = session.distribute(MetaLS(backbone, n_ways=n, lam=1e-3))
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    t = args.tasks_per_step
-    support_x = torch.randn(t, n * k, 3, size, size, device=device)
-    query_x = torch.randn(t, n * q, 3, size, size, device=device)
-    support_y = torch.arange(n, device=device).repeat_interleave(k).expand(t, -1)
-    query_y = torch.arange(n, device=device).repeat_interleave(q).expand(t, -1)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss, _ = learner(support_x, support_y, query_x, query_y)
-        loss.backward()
-        optimizer.step()
-
-    seconds = best_time(step, args.iters, device)
-    return {"seconds_per_step": round(seconds, 4), "tasks_per_s": round(t / seconds, 3),
-            "images_per_step": t * n * (k + q), "tasks_per_step": t, "image_size": size, "width": args.width}
+    t = local_share(args.tasks_per_step, session, "--tasks-per-step")
+    task = (torch.randn(t, n * k, 3, size, size), torch.arange(n).repeat_interleave(k).expand(t, -1),
+            torch.randn(t, n * q, 3, size, size), torch.arange(n).repeat_interleave(q).expand(t, -1))
+    seconds = timed_epoch(lambda steps: meta_train_epoch(learner, [task] * steps, optimizer, session), args, session)
+    return {"seconds_per_step": round(seconds / args.iters, 4), "tasks_per_s": round(args.iters * args.tasks_per_step
+                                                                                     / seconds, 3),
+            "images_per_step": args.tasks_per_step * n * (k + q), "tasks_per_step": args.tasks_per_step,
+            "image_size": size, "width": args.width}
 
 
 def synthetic_split(n_classes: int, per_class: int, dim: int, seed: int = 0):
@@ -139,31 +168,47 @@ def bench_meta_eval(args, device):
     return row
 
 
-def bench_supervised(args, device):
-    model = build_classifier(backbone(args, device), args.sup_classes, rotate_aug=True).train()
+def bench_supervised(args, session: Session):
+    backbone = create_model("resnet12", width_mult=args.width)
+    model = session.prepare(build_classifier(backbone, args.sup_classes, rotate_aug=True))
+    train_model = session.distribute(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-    targets = torch.randint(0, args.sup_classes * 4, (args.batch_size,), device=device)
-    if args.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        classification_loss(model(images), targets).backward()
-        optimizer.step()
-
-    seconds = best_time(step, args.iters, device)
-    return {"images_per_s": round(args.batch_size / seconds, 2), "batch_size": args.batch_size,
+    b = local_share(args.batch_size, session, "--batch-size")
+    batch = (torch.randn(b, 3, args.image_size, args.image_size), torch.randint(0, args.sup_classes * 4, (b,)))
+    seconds = timed_epoch(lambda steps: supervised_train_epoch(train_model, [batch] * steps, optimizer, session),
+                          args, session)
+    return {"images_per_s": round(args.iters * args.batch_size / seconds, 2), "batch_size": args.batch_size,
             "image_size": args.image_size, "width": args.width, "classes": args.sup_classes * 4}
 
 
-def bench_features(args, device):
-    model = backbone(args, device)
-    images = torch.randn(args.feature_batch, 3, args.image_size, args.image_size)
-    loader = [(images, torch.zeros(len(images), dtype=torch.long))] * 2
-    seconds = best_time(lambda: extract_features(model, loader, device), args.iters, device)
-    return {"images_per_s": round(2 * len(images) / seconds, 2), "batch_size": args.feature_batch,
+def bench_features(args, session: Session):
+    """Each rank extracts its share of the batches (as meta_eval does before gathering the features)."""
+    model = session.prepare(create_model("resnet12", width_mult=args.width))
+    b = local_share(args.feature_batch, session, "--feature-batch")
+    batch = (session.to_device(torch.randn(b, 3, args.image_size, args.image_size)), torch.zeros(b, dtype=torch.long))
+    seconds = timed_epoch(lambda steps: extract_features(model, [batch] * steps, session.device,
+                                                         autocast=session.autocast), args, session)
+    return {"images_per_s": round(args.iters * args.feature_batch / seconds, 2), "batch_size": args.feature_batch,
             "image_size": args.image_size, "width": args.width}
+
+
+def run_session_benches(names: list[str], args) -> list[dict]:
+    """The engine benches in this process (one rank of a torchrun group, or the only process)."""
+    session = open_session(args)
+    rows = []
+    for name in names:
+        row = globals()[f"bench_{name}"](args, session)
+        rows.append({"bench": name, "device": session.device.type, "nproc": session.world_size,
+                     "precision": session.precision, "channels_last": session.channels_last,
+                     "compile": session.compile_enabled, "threads": torch.get_num_threads(), **row})
+    session.close()
+    return rows if session.is_main else []
+
+
+def run_in_processes(names: list[str], nproc: int, argv: list[str]) -> list[dict]:
+    """The engine benches in `nproc` fresh processes under torchrun; rank 0's rows."""
+    output = run_processes(__file__, [*argv, "--only", ",".join(names), "--rank-process"], nproc, port=29598)
+    return [json.loads(line) for line in output.splitlines() if line.startswith("{")]
 
 
 def main(argv=None):
@@ -174,7 +219,8 @@ def main(argv=None):
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=84)
     parser.add_argument("--width", type=float, default=1.0, help="ResNet-12 width_mult")
-    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                        help="NHWC layout, the engine's default (channels_last=true)")
     parser.add_argument("--n-ways", type=int, default=5)
     parser.add_argument("--n-shots", type=int, default=5)
     parser.add_argument("--n-queries", type=int, default=15)
@@ -189,17 +235,52 @@ def main(argv=None):
     parser.add_argument("--eval-classes", type=int, default=20)
     parser.add_argument("--eval-tasks", type=int, default=200)
     parser.add_argument("--n-jobs", type=int, default=1)
+    parser.add_argument("--nproc", default="1", help="processes for the engine benches (torchrun); a list such as "
+                                                     "1,2 measures each")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the trained model (as compile=true)")
+    parser.add_argument("--rank-process", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
         args.image_size, args.width, args.iters, args.batch_size, args.feature_batch = 32, 0.25, 1, 16, 64
         args.labeler_classes, args.labeler_images, args.K, args.eval_tasks = 16, 200, 40, 20
-    device = torch.device(args.device)
-    for name in args.only.split(","):
+    names = args.only.split(",")
+    for name in names:
         if name not in BENCHES:
             parser.error(f"unknown bench {name}: choose from {', '.join(BENCHES)}")
-        row = globals()[f"bench_{name}"](args, device)
-        print(json.dumps({"bench": name, "device": str(device), "threads": torch.get_num_threads(), **row}),
-              flush=True)
+    engine_benches = [name for name in names if name in SESSION_BENCHES]
+    if args.rank_process:
+        for row in run_session_benches(engine_benches, args):
+            print(json.dumps(row), flush=True)
+        return
+    device = torch.device(args.device)
+    for name in names:
+        if name not in SESSION_BENCHES:
+            row = globals()[f"bench_{name}"](args, device)
+            print(json.dumps({"bench": name, "device": str(device), "threads": torch.get_num_threads(), **row}),
+                  flush=True)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    for nproc in (int(n) for n in args.nproc.split(",")):
+        if not engine_benches:
+            break
+        # torchrun would take a bench's --nproc for its own --nproc-per-node: the ranks get the default, 1.
+        rows = run_session_benches(engine_benches, args) if nproc == 1 else \
+            run_in_processes(engine_benches, nproc, strip_options(argv, ("--only", "--nproc")))
+        for row in rows:
+            print(json.dumps(row), flush=True)
+
+
+def strip_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """argv without the given options and their values (both `--opt value` and `--opt=value`)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not arg.startswith(tuple(f"{option}=" for option in options)):
+            kept.append(arg)
+    return kept
 
 
 if __name__ == "__main__":
