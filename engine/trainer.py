@@ -3,6 +3,7 @@ import json
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 
 from omegaconf import OmegaConf
 
@@ -19,7 +20,7 @@ RESUMABLE_CHANGES = {"resume", "overwrite", "epochs", "progress", "device", "num
                      "data_dir", "checkpoint_dir", "compile"}
 
 
-class TrainingJob:
+class TrainingJob(ABC):
     """What a script trains. The engine calls `train_epoch` then `evaluate` once per epoch.
 
     monitors: checkpoint name -> metric key; the checkpoint `<name>.pt` is written whenever that metric
@@ -28,12 +29,13 @@ class TrainingJob:
 
     monitors: dict[str, str] = {}
 
+    @abstractmethod
     def state_objects(self) -> dict:
         """Everything with `state_dict()`/`load_state_dict()` that a checkpoint must hold (models, optimisers...)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def train_epoch(self, epoch: int) -> dict:
-        raise NotImplementedError
+        """One epoch of training; returns its metrics."""
 
     def evaluate(self, epoch: int) -> dict:
         return {}
