@@ -31,25 +31,26 @@ sys.path.insert(0, str(ROOT))
 from bench.launch import run_processes  # noqa: E402
 
 
-def build_job(method: str, args, channels_last: bool):
+def build_job(method: str, args, channels_last: bool, scratch: str):
+    """MaxlJob on one random batch (a CIFAR-100-shaped hierarchy), its session writing only to `scratch`."""
+    from dataset.cifar100 import hierarchy_labels
     from dataset.hierarchical import HierarchicalData
     from engine import Session, compose
     from methods.maxl import MaxlJob
 
     cfg = compose("maxl_train", [f"method={method}", f"model.width_mult={args.width}", f"batch_size={args.batch_size}",
                                  f"device={args.device}", f"channels_last={channels_last}", "num_workers=0",
-                                 "dataset=cifar100", "cossim_every=50", f"precision={args.precision}"])
+                                 "dataset=cifar100", "cossim_every=50", f"precision={args.precision}",
+                                 f"workspace={scratch}"])
     rng = np.random.default_rng(0)
     n, size = args.batch_size, args.image_size
     fine = rng.integers(0, 100, n)
-    from dataset.cifar100 import hierarchy_labels
-
     images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
     every_class = np.arange(100)  # a test split with every class, so that a small batch still has all levels
     test_images = rng.integers(0, 256, (100, size, size, 3), dtype=np.uint8)
     data = HierarchicalData("bench", images, hierarchy_labels(fine // 5, fine), test_images,
                             hierarchy_labels(every_class // 5, every_class))
-    session = Session(cfg, Path(tempfile.mkdtemp()), "maxl_train")
+    session = Session(cfg, Path(scratch) / "run", "maxl_train")
     job = MaxlJob(cfg, data, session)
     x, targets, _ = next(iter(job.train_loader))
     return job, session.to_device(x), targets.to(session.device)
@@ -108,11 +109,12 @@ def timed(step, device, iters: int) -> float:
     return statistics.median(times)
 
 
-def measure(method: str, args) -> dict:
+def measure(method: str, args, scratch: str) -> dict:
     torch.manual_seed(0)
     baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     reference = method == "reference"
-    job, x, targets = build_job("maxl" if reference else method, args, channels_last=not reference)
+    job, x, targets = build_job("maxl" if reference else method, args, channels_last=not reference,
+                                scratch=scratch)
     device = job.session.device
     if reference:
         phase1, meta = reference_steps(job, x, targets)
@@ -149,7 +151,8 @@ def main():
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        result = measure(args.one, args)
+        with tempfile.TemporaryDirectory(prefix="bench_maxl_") as scratch:
+            result = measure(args.one, args, scratch)
         if result:
             print(json.dumps(result))
         return

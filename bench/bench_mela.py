@@ -62,9 +62,8 @@ def best_time(fn, iters: int, device: torch.device) -> float:
     return min(times)
 
 
-def open_session(args) -> Session:
-    """A Session as the scripts get it (this rank's device, precision, layout, compile), writing to a scratch dir."""
-    scratch = tempfile.mkdtemp(prefix="bench_mela_")
+def open_session(args, scratch: str) -> Session:
+    """A Session as the scripts get it (this rank's device, precision, layout, compile), writing to `scratch`."""
     cfg = compose("sup_baseline", [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
                                    f"channels_last={args.channels_last}", "num_workers=0", "progress=false",
                                    f"workspace={scratch}", "overwrite=true"])
@@ -101,8 +100,8 @@ def bench_meta_step(args, session: Session):
     task = (torch.randn(t, n * k, 3, size, size), torch.arange(n).repeat_interleave(k).expand(t, -1),
             torch.randn(t, n * q, 3, size, size), torch.arange(n).repeat_interleave(q).expand(t, -1))
     seconds = timed_epoch(lambda steps: meta_train_epoch(learner, [task] * steps, optimizer, session), args, session)
-    return {"seconds_per_step": round(seconds / args.iters, 4), "tasks_per_s": round(args.iters * args.tasks_per_step
-                                                                                     / seconds, 3),
+    tasks_per_s = args.iters * args.tasks_per_step / seconds
+    return {"seconds_per_step": round(seconds / args.iters, 4), "tasks_per_s": round(tasks_per_s, 3),
             "images_per_step": args.tasks_per_step * n * (k + q), "tasks_per_step": args.tasks_per_step,
             "image_size": size, "width": args.width}
 
@@ -194,14 +193,15 @@ def bench_features(args, session: Session):
 
 def run_session_benches(names: list[str], args) -> list[dict]:
     """The engine benches in this process (one rank of a torchrun group, or the only process)."""
-    session = open_session(args)
-    rows = []
-    for name in names:
-        row = globals()[f"bench_{name}"](args, session)
-        rows.append({"bench": name, "device": session.device.type, "nproc": session.world_size,
-                     "precision": session.precision, "channels_last": session.channels_last,
-                     "compile": session.compile_enabled, "threads": torch.get_num_threads(), **row})
-    session.close()
+    with tempfile.TemporaryDirectory(prefix="bench_mela_") as scratch:
+        session = open_session(args, scratch)
+        rows = []
+        for name in names:
+            row = globals()[f"bench_{name}"](args, session)
+            rows.append({"bench": name, "device": session.device.type, "nproc": session.world_size,
+                         "precision": session.precision, "channels_last": session.channels_last,
+                         "compile": session.compile_enabled, "threads": torch.get_num_threads(), **row})
+        session.close()
     return rows if session.is_main else []
 
 
