@@ -1,8 +1,9 @@
 # metalabel: set-up, tests, demo, benchmarks and data. Every target that runs Python depends on `setup`.
 SHELL := /bin/sh
 PY := .venv/bin/python
-# The local wheels on the development machines; override for another CUDA build, e.g.
-#   make setup TORCH_SPEC="torch==2.5.1 torchvision==0.20.1 --index-url https://download.pytorch.org/whl/cu121"
+# PyPI's torch 2.14.1 wheels are CUDA 13.0 builds (NVIDIA driver >= 580; they also run without a GPU). For an
+# older driver, on a fresh .venv (rm -rf .venv), e.g. (README, "Set-up"):
+#   make setup TORCH_SPEC="torch==2.6.0 torchvision==0.21.0 --index-url https://download.pytorch.org/whl/cu118"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: setup test demo demo_maxl demo_mela pipeline bench bench_maxl bench_mela download_cifar100 download_cifar10
@@ -15,7 +16,8 @@ setup: .venv/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# Two test processes with one thread each: most tests start scripts, whose imports do not use threads.
+# Two test processes with one thread each (about 5-6 minutes on 2 cores): most tests start scripts, whose imports
+# do not use threads.
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile tests
 
@@ -28,7 +30,7 @@ demo_maxl: setup
 	for method in single human maxl; do \
 	  $(PY) maxl_train.py method=$$method $(DEMO_MAXL) hydra.run.dir=logs/demo/maxl/$$method || exit 1; done
 	$(PY) -m engine.report logs/demo/maxl/single logs/demo/maxl/human logs/demo/maxl/maxl \
-	  --metric test/acc --plot logs/demo/maxl/test_accuracy.png
+	  --metric test/acc_last --metric test/acc_best --metric test/acc_last5_mean --plot logs/demo/maxl/test_accuracy.png
 
 bench: bench_maxl bench_mela bench_data   # options: BENCH_MAXL_ARGS, BENCH_MELA_ARGS, BENCH_DATA_ARGS
 
@@ -36,11 +38,12 @@ bench_maxl: setup
 	$(PY) bench/bench_maxl.py $(BENCH_MAXL_ARGS)
 
 # ---- MeLa ---------------------------------------------------------------------------------------------------
-# The whole chain on one dataset, then meta_eval of every stage:  make pipeline DATASET=miniImageNet ARGS='...'
-# ARGS go to every step that has the key; SCRIPT:key=value to one step (e.g. fine_tune:epochs=2).
+# The whole chain on one dataset, then meta_eval of every stage:  make pipeline DATASET=miniImageNet NAME=... ARGS='...'
+# ARGS go to every step that has the key; SCRIPT:key=value to one step (e.g. fine_tune:epochs=2). Runs are named
+# <NAME>_<dataset>_<model>_<step>_s<seed>; the same command again skips the finished steps.
 DATASET ?= synthetic_fs
 pipeline: setup
-	$(PY) -m methods.pipeline --dataset $(DATASET) -- $(ARGS)
+	$(PY) -m methods.pipeline --dataset $(DATASET) $(if $(NAME),--name $(NAME)) -- $(ARGS)
 
 # digits: classes 0-3 / 4-6 / 7-9, so 3-way tasks; the labeler needs more tasks than K / n_ways, hence random ones.
 DEMO_MELA := model.width_mult=0.5 device=cpu num_workers=0 progress=false overwrite=true n_ways=3 val_n_ways=3 \
@@ -58,14 +61,15 @@ download_cifar100: setup
 download_cifar10: setup
 	$(PY) -m dataset.cifar100 --download --cifar10
 
-# ---- MeLa data (issue 3) ------------------------------------------------------------------------------------
+# ---- MeLa data ----------------------------------------------------------------------------------------------
 # The workspace and the original archives: WORKSPACE defaults to ./workspace (unset or empty; a trailing slash is fine);
 # METALABEL_MIRROR=URL fetches <URL>/<archive>.tar.gz instead of the original figshare addresses.
 MELA_WORKSPACE = $(patsubst %/,%,$(or $(WORKSPACE),./workspace))
 MELA_DATA_DIR = $(MELA_WORKSPACE)/metaL_data
 MELA_DOWNLOADS := download_aircraft download_cu_birds download_vgg_flower download_miniimagenet download_mini60 \
   download_tieredimagenet download_tiered780
-DOWNLOAD := $(PY) -m dataset.downloads --data-dir "$(MELA_DATA_DIR)" download --mirror "$(METALABEL_MIRROR)"
+# DOWNLOAD_ARGS='--sha256 NAME=HEX --checksums FILE' pins the archives' checksums (docs/data_downloads.md).
+DOWNLOAD := $(PY) -m dataset.downloads --data-dir "$(MELA_DATA_DIR)" download --mirror "$(METALABEL_MIRROR)" $(DOWNLOAD_ARGS)
 
 .PHONY: initialize_workspace download_all $(MELA_DOWNLOADS) unpack_datasets bench_data
 
@@ -83,3 +87,30 @@ unpack_datasets: setup
 
 bench_data: setup
 	$(PY) bench/bench_data.py $(BENCH_DATA_ARGS)
+
+# ---- Studies: the papers' experiments over seeds, then the report's table and figure (docs/experiments.md) ------
+#   make maxl_hierarchies | maxl_psi  [SEEDS=0,1] [ARGS='hydra/launcher=slurm hydra.launcher.partition=...']
+#   make mela_study  [DATASETS='miniImageNet tieredImageNet'] [MODELS='resnet12 resnet18'] [SEEDS=0,1,2] [NAME=...]
+# STUDY_DIR: where the runs, table.csv, table.json and the figure go (default: a new folder per invocation for the
+# MAXL sweeps, logs/pipeline/<NAME> for mela_study, which continues where the same command stopped).
+STUDY_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+MAXL_STUDIES := maxl_hierarchies maxl_psi
+REPORT_maxl_hierarchies := --compare method=maxl method=single --compare method=maxl method=human
+REPORT_maxl_psi := --compare method=maxl method=single
+DATASETS ?= miniImageNet tieredImageNet
+MODELS ?= resnet12 resnet18
+.PHONY: $(MAXL_STUDIES) mela_study
+
+$(MAXL_STUDIES): setup
+	dir="$(or $(STUDY_DIR),logs/studies/$@/$(STUDY_STAMP))"; \
+	$(PY) maxl_train.py -m +experiment=$@ hydra.sweep.dir="$$dir" $(if $(SEEDS),seed=$(SEEDS)) $(ARGS) || failed=1; \
+	$(PY) -m engine.report "$$dir" $(REPORT_$@) --csv "$$dir/table.csv" --json "$$dir/table.json" \
+	  --plot "$$dir/test_accuracy.png" && exit $${failed:-0}
+
+mela_study: setup
+	name="$(or $(NAME),mela_study)"; dir="$(or $(STUDY_DIR),logs/pipeline/$(or $(NAME),mela_study))"; \
+	$(PY) -m methods.pipeline --name "$$name" --out "$$dir" --dataset $(DATASETS) --model $(MODELS) \
+	  --seed $(if $(SEEDS),$(SEEDS),0 1 2) -- $(ARGS) || failed=1; \
+	$(PY) -m engine.report "$$dir/*/eval" --compare evaluated=learn_labeler evaluated=learn_meta_repr \
+	  --compare evaluated=fine_tune evaluated=sup_baseline --csv "$$dir/table.csv" --json "$$dir/table.json" && \
+	$(PY) -m engine.report "$$dir/*/train" --plot "$$dir/validation.png" && exit $${failed:-0}

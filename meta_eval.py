@@ -9,7 +9,7 @@ from methods.mela import (EVALUATED_STEPS, FewShotEvaluator, check_architecture,
                           load_step)
 
 
-@hydra_main("meta_eval")
+@hydra_main("meta_eval", writes_checkpoints=False)
 def main(cfg, session):
     payload, path = load_step(cfg.pretrained_model, "pretrained_model", EVALUATED_STEPS, cfg.checkpoint_dir)
     check_architecture(payload, cfg.model, "pretrained_model", path)

@@ -1,14 +1,10 @@
 """MeLa's hot paths, one JSON line each:
 
-    python bench/bench_mela.py [--only meta_step,labeler,meta_eval,supervised,features] [--device cpu|cuda]
+    python bench/bench_mela.py [--only meta_step,meta_eval,supervised,features] [--device cpu|cuda]
                                [--nproc 1] [--precision fp32|bf16] [--no-channels-last] [--compile]
                                [--quick] [--image-size 84] [--width 1.0] [--iters 3] ...
 
 meta_step   learn_meta_repr's step: ResNet-12, n-way k-shot q-query tasks: forward + MetaLS + backward + SGD step
-labeler     one labeler pass over stored features (synthetic, miniImageNet-sized by default): the fast pass
-            (the class means of all tasks, then `labeler_pass`) against the plain loop over tasks (each task's
-            class means, nearest centroids and updates in turn), whole and pass only (same keys), with the
-            speed-ups and whether both gave the same centroids, counts and hits
 meta_eval   logistic-regression tasks per second on given features, 1-shot and 5-shot
 supervised  pseudo-label / sup_baseline training images per second (ResNet-12 + linear head, SGD)
 features    feature extraction images per second (eval mode, inference_mode, large batches)
@@ -16,9 +12,9 @@ features    feature extraction images per second (eval mode, inference_mode, lar
 meta_step, supervised and features run through the engine's Session as the scripts do (DDP, autocast,
 channels-last, compile), with --nproc N in N processes under torchrun (gloo on CPU, nccl on CUDA) that share the
 global batch (--tasks-per-step, --batch-size, --feature-batch); --nproc 1,2 measures each. Their figures are the
-global throughput of `--iters` steps timed together after one warm-up step. labeler and meta_eval run once, in
-one process; their times are the best of `--iters` repetitions after one warm-up. --quick shrinks everything for
-a smoke run.
+global throughput of `--iters` steps timed together after one warm-up step. meta_eval runs once, in one process;
+its times are the best of `--iters` repetitions after one warm-up. --quick shrinks everything for a smoke run.
+The labeler's cost within learn_labeler's step is bench/bench_labeler.py's.
 """
 import argparse
 import json
@@ -28,7 +24,6 @@ import time
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,12 +33,11 @@ sys.path.insert(0, str(ROOT))
 from bench.launch import run_processes  # noqa: E402
 from engine import Session, compose  # noqa: E402
 from methods.fewshot_eval import extract_features, task_accuracies  # noqa: E402
-from methods.labeler import PASS_BLOCK, class_means, initial_centroids, labeler_pass, reference_pass  # noqa: E402
 from methods.meta_ls import MetaLS, meta_train_epoch  # noqa: E402
 from methods.supervised import build_classifier, supervised_train_epoch  # noqa: E402
 from models import create_model  # noqa: E402
 
-BENCHES = ("meta_step", "labeler", "meta_eval", "supervised", "features")
+BENCHES = ("meta_step", "meta_eval", "supervised", "features")
 SESSION_BENCHES = ("meta_step", "supervised", "features")  # through the engine: --nproc, --precision, --compile
 
 
@@ -67,7 +61,7 @@ def open_session(args, scratch: str) -> Session:
     cfg = compose("sup_baseline", [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
                                    f"channels_last={args.channels_last}", "num_workers=0", "progress=false",
                                    f"workspace={scratch}", "overwrite=true"])
-    return Session(cfg, Path(scratch) / "run", "bench_mela")
+    return Session(cfg, Path(scratch) / "run", "bench_mela", writes_checkpoints=False)
 
 
 def local_share(total: int, session: Session, flag: str) -> int:
@@ -113,48 +107,6 @@ def synthetic_split(n_classes: int, per_class: int, dim: int, seed: int = 0):
     return features, labels
 
 
-def no_replacement_tasks(labels: torch.Tensor, n_ways: int, per_class: int, seed: int = 0) -> torch.Tensor:
-    """Flat tasks using every image at most once (the reference's GFSL sampler): [T, n_ways, per_class]."""
-    rng = np.random.default_rng(seed)
-    pools = {int(c): list(rng.permutation(np.flatnonzero(labels.numpy() == c))) for c in labels.unique()}
-    tasks = []
-    while len(open_classes := [c for c, pool in pools.items() if len(pool) >= per_class]) >= n_ways:
-        picked = rng.choice(open_classes, n_ways, replace=False)
-        tasks.append([pools[c][:per_class] for c in picked])
-        for c in picked:
-            pools[c] = pools[c][per_class:]
-    return torch.as_tensor(np.array(tasks))
-
-
-def bench_labeler(args, device):
-    features, labels = synthetic_split(args.labeler_classes, args.labeler_images, args.feat_dim)
-    tasks = no_replacement_tasks(labels, args.n_ways, args.n_shots + args.n_queries)
-    features = features.to(device)
-    start = initial_centroids(class_means(features, tasks), args.K)
-    counts = torch.zeros(args.K, dtype=torch.long)
-    results = {}
-
-    def fast():  # the class means of all tasks at once, then the pass
-        results["fast"] = labeler_pass(class_means(features, tasks), start, counts)
-
-    def plain():  # one loop over the tasks: each task's class means, nearest centroids and updates in turn
-        results["plain"] = reference_pass((class_means(features, task[None])[0] for task in tasks), start, counts)
-
-    fast_s = best_time(fast, args.iters, device)
-    plain_s = best_time(plain, args.iters, device)
-    keys = class_means(features, tasks)
-    pass_only_fast = best_time(lambda: labeler_pass(keys, start, counts), args.iters, device)
-    pass_only_plain = best_time(lambda: reference_pass(keys, start, counts), args.iters, device)
-    (c_fast, n_fast, h_fast), (c_plain, n_plain, h_plain) = results["fast"], results["plain"]
-    same = bool(torch.equal(n_fast, n_plain) and torch.equal(h_fast, h_plain)
-                and torch.equal(c_fast, c_plain))
-    return {"images": len(features), "tasks": len(tasks), "K": args.K, "feat_dim": args.feat_dim, "block": PASS_BLOCK,
-            "fast_s": round(fast_s, 4), "plain_loop_s": round(plain_s, 4), "speedup": round(plain_s / fast_s, 2),
-            "pass_only_fast_s": round(pass_only_fast, 4), "pass_only_plain_s": round(pass_only_plain, 4),
-            "pass_only_speedup": round(pass_only_plain / pass_only_fast, 2),
-            "task_success_rate": round(h_fast.sum().item() / args.n_ways / len(tasks), 3), "same_result": same}
-
-
 def bench_meta_eval(args, device):
     features, labels = synthetic_split(args.eval_classes, 600, args.feat_dim, seed=1)
     features = F.normalize(features, dim=1)
@@ -185,8 +137,7 @@ def bench_features(args, session: Session):
     model = session.prepare(create_model("resnet12", width_mult=args.width))
     b = local_share(args.feature_batch, session, "--feature-batch")
     batch = (session.to_device(torch.randn(b, 3, args.image_size, args.image_size)), torch.zeros(b, dtype=torch.long))
-    seconds = timed_epoch(lambda steps: extract_features(model, [batch] * steps, session.device,
-                                                         autocast=session.autocast), args, session)
+    seconds = timed_epoch(lambda steps: extract_features(model, [batch] * steps, session.device), args, session)
     return {"images_per_s": round(args.iters * args.feature_batch / seconds, 2), "batch_size": args.feature_batch,
             "image_size": args.image_size, "width": args.width}
 
@@ -229,9 +180,6 @@ def main(argv=None):
     parser.add_argument("--sup-classes", type=int, default=64, help="classes before rotation x4")
     parser.add_argument("--feature-batch", type=int, default=256)
     parser.add_argument("--feat-dim", type=int, default=640)
-    parser.add_argument("--labeler-classes", type=int, default=64, help="64 x 600 images: miniImageNet's train")
-    parser.add_argument("--labeler-images", type=int, default=600, help="images per class")
-    parser.add_argument("--K", type=int, default=400, help="initial centroids")
     parser.add_argument("--eval-classes", type=int, default=20)
     parser.add_argument("--eval-tasks", type=int, default=200)
     parser.add_argument("--n-jobs", type=int, default=1)
@@ -243,7 +191,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.quick:
         args.image_size, args.width, args.iters, args.batch_size, args.feature_batch = 32, 0.25, 1, 16, 64
-        args.labeler_classes, args.labeler_images, args.K, args.eval_tasks = 16, 200, 40, 20
+        args.eval_tasks = 20
     names = args.only.split(",")
     for name in names:
         if name not in BENCHES:

@@ -38,8 +38,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 def looks_like_html(head: bytes) -> bool:
     """True when the first bytes of a file or response are a web page (a login or error page saved as data)."""
-    start = head.lstrip().lower()
-    return start.startswith((b"<!doctype html", b"<html", b"<head"))
+    start = head.removeprefix(b"\xef\xbb\xbf").lstrip().lower()  # a UTF-8 byte-order mark first
+    while start.startswith(b"<!--"):  # comments before the page
+        start = start.partition(b"-->")[2].lstrip()
+    return start.startswith((b"<!doctype html", b"<html", b"<head", b"<body"))
 
 
 def make_hint(make_target: str | None) -> str:

@@ -7,7 +7,7 @@ Input, as meta-dataset writes it and moved to DIR/<dataset>/ (DIR defaults to $W
 records hold `image` (encoded bytes) and `label` (int64). Read with the `tfrecord` package, no TensorFlow.
 Each image is decoded with Pillow as RGB and resized to 84x84 with nearest-neighbour sampling.
 
-Classes split in class-id order (spec §3); every class of the spec is used (the original dropped vgg's last):
+Classes split in class-id order; every class of the dataset spec is used (the original dropped vgg's last):
 aircraft 70/15/15, cu_birds 140/30/30, vgg_flower 71/15/16 (train/val/test). Output, one pickle per split p of
 {"data": uint8 [N, 84, 84, 3], "labels": int64 [N, 1] (or [N, 3])}, written atomically into DIR/<dataset>/:
 - aircraft: aircraft_{p}.pkl (variant labels, for mixed), aircraft_variant_{p}.pkl, aircraft_family_{p}.pkl,

@@ -1,6 +1,8 @@
 """Checkpoints: written atomically, loaded with `weights_only=True`, found by name or path."""
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +28,24 @@ def load_checkpoint(path: Path, fix: str) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for truncated or foreign files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} is corrupt or not a checkpoint ({reason}): {fix}") from None
+        raise UserError(_load_failure(path, exc, fix)) from None
     if not isinstance(payload, dict) or "state" not in payload or "config" not in payload:
         raise UserError(f"checkpoint {path} was not written by metalabel (no 'state'/'config'): {fix}")
     return payload
+
+
+def _load_failure(path: Path, exc: Exception, fix: str) -> str:
+    """Why torch.load refused `path`, in words that never suggest loading it unrestricted: torch's weights-only error
+    advises weights_only=False (or allow-listing the object), which would let an untrusted file run code."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        if named:
+            return (f"checkpoint {path} is refused: it names the Python object {named[1]}, and loading it would run "
+                    f"code from the file; metalabel checkpoints hold only tensors and plain data: {fix}")
+        return f"checkpoint {path} is corrupt or not a checkpoint (not tensors and plain data): {fix}"
+    reason = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return f"checkpoint {path} is corrupt or not a checkpoint ({reason}): {fix}"
 
 
 def resolve_checkpoint(name_or_path: str, directory: Path, key: str, produced_by: str) -> Path:

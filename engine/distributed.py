@@ -4,6 +4,7 @@ Every rank runs the same script on the same config. Models start identical (same
 metrics are reduced; rank 0 alone writes logs, metrics and checkpoints.
 """
 import os
+import random
 
 import numpy as np
 import torch
@@ -61,10 +62,22 @@ def gather_objects(obj) -> list:
     return gathered
 
 
+def gather_shards(shard: torch.Tensor) -> torch.Tensor:
+    """The rows of an evaluation pass in dataset order, on every rank, from each rank's `ShardSampler` shard (rank r
+    holds items r, r + world_size, ...)."""
+    parts = gather_objects(shard)
+    whole = torch.empty((sum(len(p) for p in parts), *shard.shape[1:]), dtype=shard.dtype)
+    for rank, part in enumerate(parts):
+        whole[rank::len(parts)] = part
+    return whole
+
+
 class ShardedShuffleSampler(torch.utils.data.Sampler):
     """A fresh permutation of the whole dataset on every pass, the same on every rank, each rank taking every
     world_size-th index of it. The permutation is seeded by (seed, epoch, pass within the epoch), so it does not
-    consume the global RNG and a resumed run (which restarts at an epoch boundary) sees the same order.
+    consume the global RNG. Each item comes as (index, batch seed): the seed of its local batch, from (seed, epoch,
+    pass, rank, batch), which `SeededBatches` draws the batch's augmentation from. So a pass gives the same batches
+    for any number of loader workers, and `start_pass(p, skip)` resumes it exactly after `skip` batches.
 
     With drop_last the pass is cut to a multiple of world_size * batch_size so that ranks stay in step.
     """
@@ -72,17 +85,24 @@ class ShardedShuffleSampler(torch.utils.data.Sampler):
     def __init__(self, size: int, seed: int, rank: int, world_size: int, batch_size: int, drop_last: bool):
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
         self.batch_size, self.drop_last = batch_size, drop_last
-        self.epoch, self.passes = 0, 0
+        self.epoch, self.passes, self.skip = 0, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch, self.passes = epoch, 0
+        self.epoch, self.passes, self.skip = epoch, 0, 0
+
+    def start_pass(self, index: int, skip_batches: int) -> None:
+        """The next iteration is pass `index` of the epoch, from its batch `skip_batches` on."""
+        self.passes, self.skip = index, skip_batches
 
     def __iter__(self):
-        rng = np.random.default_rng([self.seed, self.epoch, self.passes])
-        self.passes += 1
-        order = rng.permutation(self.size)
-        usable = self._usable()
-        return iter(order[:usable][self.rank::self.world_size].tolist())
+        keys = [self.seed, self.epoch, self.passes]
+        order = np.random.default_rng(keys).permutation(self.size)
+        seeds = np.random.default_rng(keys + [self.rank, 1]).integers(2**63, size=len(self) // self.batch_size + 1)
+        mine = order[:self._usable()][self.rank::self.world_size].tolist()
+        first = self.skip * self.batch_size
+        self.passes, self.skip = self.passes + 1, 0
+        return ((index, int(seeds[position // self.batch_size]))
+                for position, index in enumerate(mine[first:], start=first))
 
     def _usable(self) -> int:
         if self.drop_last:
@@ -92,6 +112,39 @@ class ShardedShuffleSampler(torch.utils.data.Sampler):
 
     def __len__(self):
         return self._usable() // self.world_size
+
+
+class SeededBatches(torch.utils.data.Dataset):
+    """A shuffled loader's dataset: item keys are (index, batch seed) pairs from `ShardedShuffleSampler`; each batch
+    is loaded with torch, numpy and random seeded by its batch seed. In the main process (num_workers=0) their
+    states are restored afterwards, so loading never moves the training RNG (dropout, ...)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys):
+        indices = [index for index, _ in keys]
+        seed = keys[0][1]
+        in_worker = torch.utils.data.get_worker_info() is not None
+        saved = None if in_worker else (random.getstate(), np.random.get_state(), torch.get_rng_state())
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: CUDA's stays the training's
+        try:
+            if hasattr(self.dataset, "__getitems__"):
+                return self.dataset.__getitems__(indices)
+            return [self.dataset[index] for index in indices]
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
 
 
 class ShardSampler(torch.utils.data.Sampler):

@@ -1,19 +1,29 @@
-"""Hydra entry point of every script: composes the config, opens a `Session`, turns `UserError` into one line."""
+"""Hydra entry point of every script: composes and validates the config, opens a `Session`, turns `UserError` into
+one line. In a sweep (`-m`) a failed job is recorded in its folder (`error.txt`) and the other jobs still run; the
+sweep then lists the failures and exits 1. An interrupted run (SIGTERM/SIGUSR1/SIGINT) exits 128 + the signal."""
 import functools
 import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import OmegaConf, open_dict
 
-from engine.errors import UserError
+import engine.config  # noqa: F401  (registers the run_name resolver)
+from engine.config import prepare
+from engine.errors import RunInterrupted, UserError
 from engine.session import Session
 from engine.workspace import workspace_root
+
+log = logging.getLogger("metalabel")
+ERROR_FILE = "error.txt"  # in the folder of a sweep's failed job
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 RUN_STAMP = "METALABEL_RUN_STAMP"
@@ -42,8 +52,39 @@ def _join_process_group() -> None:
         sys.argv.append("hydra.output_subdir=null")
 
 
-def hydra_main(config_name: str):
-    """Decorate `main(cfg, session)`: Hydra composes the config, the engine opens a session around the call.
+def _record_failure(run_dir: Path, message: str) -> None:
+    overrides = " ".join(HydraConfig.get().overrides.task)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / ERROR_FILE).write_text(f"overrides: {overrides}\n{message}\n")
+
+
+class SweepFailures(Callback):
+    """At the start of a sweep: the launcher can run here. At its end: one line per failed job, exit status 1."""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from engine.validation import check_launcher
+
+        try:
+            check_launcher(config.hydra)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1)
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        failed = sorted(Path(config.hydra.sweep.dir).glob(f"*/{ERROR_FILE}"), key=lambda p: p.stat().st_mtime)
+        for path in failed:
+            overrides, message = path.read_text().split("\n", 1)
+            print(f"error: job {path.parent.name} ({overrides.removeprefix('overrides: ')}): "
+                  f"{message.strip().splitlines()[0].removeprefix('error: ')}", file=sys.stderr)
+        if failed:
+            print(f"error: {len(failed)} job(s) of the sweep failed (their folders hold {ERROR_FILE}); "
+                  f"fix them and run the sweep again: finished jobs are not run twice", file=sys.stderr)
+            raise SystemExit(1)
+
+
+def hydra_main(config_name: str, writes_checkpoints: bool = True):
+    """Decorate `main(cfg, session)`: Hydra composes the config, the engine validates it and opens a session around
+    the call. `writes_checkpoints`: the script trains a run (resume, overwrite and the run lock apply).
 
     A `UserError` anywhere becomes one line on stderr and exit status 1.
     """
@@ -51,13 +92,27 @@ def hydra_main(config_name: str):
     def decorate(main):
         @functools.wraps(main)  # Hydra names the job (logs/<job>/...) after the script defining `main`
         def task(cfg):
+            hydra_cfg = HydraConfig.get()
+            sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+            run_dir = Path(hydra_cfg.runtime.output_dir)
             session = None
             try:
-                session = Session(cfg, Path(HydraConfig.get().runtime.output_dir), config_name)
+                prepare(cfg, config_name, dict(hydra_cfg.runtime.choices))
+                session = Session(cfg, run_dir, config_name, writes_checkpoints)
                 return main(cfg, session)
             except UserError as err:
-                logging.getLogger("metalabel").error(f"error: {err}")  # console (stderr) and the run's log
-                sys.exit(1)
+                log.error(f"error: {err}")  # console (stderr) and the run's log
+                if not sweeping:
+                    sys.exit(1)
+                _record_failure(run_dir, f"error: {err}")
+            except RunInterrupted as stop:
+                log.warning(str(stop))
+                sys.exit(stop.exit_status)  # also ends a sweep: the same command continues it
+            except Exception:
+                if not sweeping:
+                    raise
+                log.exception("the job failed")
+                _record_failure(run_dir, f"error: crashed, traceback in the job's log\n{traceback.format_exc()}")
             finally:
                 if session is not None:
                     session.close()
@@ -75,8 +130,13 @@ def hydra_main(config_name: str):
 
 
 def compose(config_name: str, overrides: list[str]):
-    """The config a script would get with these command-line overrides, outside a Hydra run (tests, benches)."""
+    """The config a script would get with these command-line overrides, validated and named, outside a Hydra run
+    (tests, benches)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return hydra_compose(config_name, overrides=overrides)
+        cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
+        prepare(cfg, config_name, dict(cfg.hydra.runtime.choices))
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg

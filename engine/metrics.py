@@ -68,6 +68,15 @@ class MetricsWriter:
         plt.close(fig)
         return self.plot_path
 
+    def write_hparams(self, cfg, summary: dict) -> None:
+        """The run's settings and final numbers in TensorBoard's HPARAMS tab."""
+        from engine.config import leaves
+
+        settings = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                    for k, v in leaves(cfg, skip={"hydra"}).items()}
+        finals = {f"final/{k}": v for k, v in summary.items() if isinstance(v, (int, float)) and k != "epochs"}
+        self.tensorboard.add_hparams(settings, finals, run_name="hparams")
+
     def close(self) -> None:
         self.tensorboard.close()
 
@@ -80,28 +89,70 @@ def read_metrics(csv_path: Path) -> list[dict]:
 
 
 class MeanTracker:
-    """Sample-weighted means of per-batch values, kept on the device until read (no sync per step)."""
+    """Sample-weighted means of per-batch values and plain totals (`total`), kept on the device until read (no sync
+    per step). Values whose name contains "loss" are watched: the first step (`step`, set by the engine) at which one
+    is not finite is remembered, so a diverging run can be stopped with the step named. The state goes into
+    mid-epoch checkpoints (`state_dict`)."""
 
     def __init__(self):
         self.sums: dict = {}
         self.counts: dict = {}
+        self.totals: dict = {}
+        self.first_nonfinite: dict = {}  # loss name -> step (a device tensor; -1 while finite)
+        self.step = 0
 
     def add(self, name: str, value, count: int = 1) -> None:
         value = value.detach() if hasattr(value, "detach") else value
         self.sums[name] = self.sums.get(name, 0.0) + value * count
         self.counts[name] = self.counts.get(name, 0) + count
+        if "loss" in name and hasattr(value, "isfinite"):
+            import torch
+
+            seen = self.first_nonfinite.get(name, torch.full((), -1, device=value.device))
+            self.first_nonfinite[name] = torch.where((seen < 0) & ~value.isfinite(), self.step, seen)
+
+    def total(self, name: str, amount: int = 1) -> None:
+        self.totals[name] = self.totals.get(name, 0) + amount
+
+    def nonfinite(self) -> tuple[str, int] | None:
+        """(loss name, first step) of the first loss that was not finite, if any (syncs with the device)."""
+        bad = [(int(step), name) for name, step in self.first_nonfinite.items() if int(step) >= 0]
+        return (min(bad)[1], min(bad)[0]) if bad else None
 
     def result(self, session=None) -> dict[str, float]:
-        """The means; in a distributed run, over every rank's samples."""
+        """The means and totals; in a distributed run, over every rank's samples."""
         import torch
 
         names = sorted(self.sums)
-        if not names:
+        totals = sorted(self.totals)
+        if not names and not totals:
             return {}
-        totals = torch.tensor([[float(self.sums[n]), float(self.counts[n])] for n in names], dtype=torch.float64)
+        table = torch.tensor([[float(self.sums[n]), float(self.counts[n])] for n in names]
+                             + [[float(self.totals[n]), 1.0] for n in totals], dtype=torch.float64)
         if session is not None and session.world_size > 1:
             import torch.distributed as dist
 
-            totals = totals.to(session.device)
-            dist.all_reduce(totals)
-        return {n: (s / c).item() for n, (s, c) in zip(names, totals.cpu())}
+            table = table.to(session.device)
+            dist.all_reduce(table)
+        table = table.cpu()
+        means = {n: (s / c).item() for n, (s, c) in zip(names, table[:len(names)])}
+        return means | {n: int(round(s.item())) for n, (s, _) in zip(totals, table[len(names):])}
+
+    def state_dict(self) -> dict:
+        import torch
+
+        def plain(value):
+            return value.detach().cpu().clone() if isinstance(value, torch.Tensor) else value
+
+        return {"sums": {k: plain(v) for k, v in self.sums.items()}, "counts": dict(self.counts),
+                "totals": dict(self.totals), "first_nonfinite": {k: plain(v) for k, v in self.first_nonfinite.items()}}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        import torch
+
+        def placed(value):
+            return value.to(device) if isinstance(value, torch.Tensor) else value
+
+        self.sums = {k: placed(v) for k, v in state["sums"].items()}
+        self.counts, self.totals = dict(state["counts"]), dict(state["totals"])
+        self.first_nonfinite = {k: placed(v) for k, v in state["first_nonfinite"].items()}

@@ -5,6 +5,7 @@ A script builds its parts from the config and a `Session`, then calls `session.f
 import logging
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,10 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from engine.distributed import ShardedShuffleSampler, ShardSampler, adopt_submitit_ranks, is_distributed
+from engine.distributed import (SeededBatches, ShardedShuffleSampler, ShardSampler, adopt_submitit_ranks,
+                                is_distributed)
 from engine.errors import UserError
+from engine.runs import RunLock, clear_run, decide_resume, remove_interrupted_writes
 from engine.workspace import DEFAULT_WORKSPACE
 
 log = logging.getLogger("metalabel")
@@ -27,16 +30,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _seed_worker(worker_id: int) -> None:
-    # torch gives each worker `base_seed + worker_id`, with base_seed drawn from the seeded main process RNG.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+def _quiet_worker(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM/SIGUSR1 to the main process, which checkpoints and then stops them.
+    (Their random draws are seeded per batch: see `SeededBatches`.)"""
+    import signal
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
+def resolve_threads(value, local_world_size: int) -> int:
+    """`auto`: $OMP_NUM_THREADS when set (torchrun sets it), else the cores this process may use shared by the
+    processes of this node (torchrun, SLURM tasks)."""
+    if value != "auto":
+        return int(value)
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
+
+
+# The values of device, precision and compile were checked by engine.validation before the session starts.
 def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name not in ("auto", "cpu", "cuda"):
-        raise UserError(f"device={name} is not one of auto, cpu, cuda")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA GPU is visible: use device=cpu or device=auto")
     if name == "cpu" or not torch.cuda.is_available():
@@ -46,16 +60,12 @@ def resolve_device(name: str, local_rank: int) -> torch.device:
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """`auto`: bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere (CPU runs are unaffected)."""
-    if name not in ("auto", "fp32", "bf16"):
-        raise UserError(f"precision={name} is not one of auto, fp32, bf16")
     if name == "auto":
         return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return name
 
 
 def resolve_compile(value, device: torch.device) -> bool:
-    if value not in ("auto", True, False):
-        raise UserError(f"compile={value} is not one of auto, true, false")
     return device.type == "cuda" if value == "auto" else value
 
 
@@ -64,7 +74,7 @@ class Session:
 
     log = log  # console and the run's log file (rank 0 only in a distributed run)
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, script: str):
+    def __init__(self, cfg: DictConfig, run_dir: Path, script: str, writes_checkpoints: bool = True):
         self.cfg = cfg
         self.script = script
         self.run_dir = Path(run_dir)
@@ -83,10 +93,12 @@ class Session:
         self.channels_last = bool(cfg.channels_last)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.compile_enabled = resolve_compile(cfg.compile, self.device)
+        torch.set_num_threads(resolve_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
         self.checkpoint_dir = Path(cfg.checkpoint_dir) / cfg.name
-        if (self.checkpoint_dir / "last.pt").exists() and not (cfg.resume or cfg.overwrite):
-            raise UserError(f"{self.checkpoint_dir / 'last.pt'} exists from an earlier run: resume=true continues "
-                            f"it, overwrite=true starts again and replaces it, name=... starts a separate run")
+        self.lock = None
+        self.resuming = False  # continuing the run from its last checkpoint (engine/trainer.py restores it)
+        if writes_checkpoints:
+            self._open_run()
         self._epoch_listeners = []  # samplers and task datasets that draw per epoch
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes throughout a run
@@ -96,9 +108,23 @@ class Session:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             source = "$WORKSPACE" if os.environ.get("WORKSPACE") else f"WORKSPACE unset, default {DEFAULT_WORKSPACE}"
             log.info(f"workspace: {cfg.workspace} ({source})")
+            log.info(f"run: {cfg.name}   checkpoints: {self.checkpoint_dir}")
             log.info(f"run directory: {self.run_dir}")
             log.info(f"device: {self.device}" + (f", {self.world_size} processes" if self.world_size > 1 else "")
                      + f", precision {self.precision}" + (", compiled" if self.compile_enabled else ""))
+
+    def _open_run(self) -> None:
+        """Decide to continue or start (every rank decides before anything is removed), lock the run, clear it
+        with overwrite=true."""
+        self.resuming = decide_resume(self.cfg, self.checkpoint_dir)
+        self.barrier()
+        if self.is_main:
+            self.lock = RunLock(self.checkpoint_dir, self.cfg.lock_stale_hours)
+            self.lock.acquire()
+            remove_interrupted_writes(self.checkpoint_dir)
+            if self.cfg.overwrite:
+                clear_run(self.checkpoint_dir)
+        self.barrier()
 
     # ---- models and batches -------------------------------------------------------------------------
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -137,27 +163,30 @@ class Session:
             raise UserError(f"batch size {batch_size} is not divisible by the {self.world_size} processes: "
                             f"choose a multiple of {self.world_size}")
         local_batch = batch_size // self.world_size
+        if hasattr(dataset, "set_epoch"):
+            self._epoch_listeners.append(dataset)
         if shuffle:
             sampler = ShardedShuffleSampler(len(dataset), int(self.cfg.seed), self.rank, self.world_size,
                                             local_batch, drop_last)
             self._epoch_listeners.append(sampler)
+            dataset = SeededBatches(dataset)
         else:
             sampler = ShardSampler(len(dataset), self.rank, self.world_size)
-        if hasattr(dataset, "set_epoch"):
-            self._epoch_listeners.append(dataset)
         workers = int(self.cfg.num_workers)
         return torch.utils.data.DataLoader(
             dataset, batch_size=local_batch, sampler=sampler, drop_last=drop_last, num_workers=workers,
-            pin_memory=self.device.type == "cuda", worker_init_fn=_seed_worker if workers else None,
-            persistent_workers=False, **kwargs)
+            pin_memory=self.device.type == "cuda", worker_init_fn=_quiet_worker if workers else None,
+            persistent_workers=False, generator=torch.Generator(), **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         for listener in self._epoch_listeners:
             listener.set_epoch(epoch)
 
-    def progress(self, iterable, desc: str, total: int | None = None, leave: bool = False):
-        return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True,
-                    disable=not (self.cfg.progress and self.is_main))
+    def progress(self, iterable, desc: str, total: int | None = None, leave: bool = False, initial: int = 0):
+        """A tqdm bar; in a non-interactive log (SLURM, a file) a line every minute instead of every update."""
+        interactive = sys.stderr.isatty()
+        return tqdm(iterable, desc=desc, total=total, leave=leave, initial=initial, dynamic_ncols=interactive,
+                    mininterval=0.1 if interactive else 60, disable=not (self.cfg.progress and self.is_main))
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, job, epochs: int) -> dict:
@@ -170,5 +199,7 @@ class Session:
             dist.barrier()
 
     def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
         if is_distributed():
             dist.destroy_process_group()

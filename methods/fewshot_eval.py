@@ -1,13 +1,15 @@
 """Few-shot evaluation (MeLa's meta_test): logistic regression on frozen, L2-normalised features.
 
-Each split's features are computed once (eval mode, no autograd, large batches). Task i of a split draws from
-`np.random.RandomState(i)` alone (the reference's `np.random.seed(i)` stream, without touching the global RNG):
-n_ways classes, then n_shots + n_queries images of each class, all without replacement; so task i is the same
-for every model, run and worker, whatever the other tasks are. A scikit-learn LogisticRegression(C, lbfgs,
-max_iter=1000, fit_intercept) is fit on the support set; the score is the query accuracy (0-1). Results are the
-mean and the 95% t-interval half-width sem * t.ppf(0.975, n-1), per sub-dataset and over all tasks together.
+Each split's features are computed once (eval mode, no autograd, large batches, float32 whatever the training
+precision: autocast is switched off). Task i of a split draws from `np.random.RandomState(i)` alone (the original's
+`np.random.seed(i)` stream, without touching the global RNG): n_ways classes out of the split's classes listed in
+order of first appearance in its labels (the original's `list(label_to_index)`), then n_shots + n_queries images
+of each class (its images in index order), all without replacement; so task i is the original's task i for the
+same labels, and the same for every model, run and worker. A scikit-learn LogisticRegression(C, lbfgs,
+max_iter=1000, fit_intercept) is fit on the support set's features in float64 (as the original hands it numpy
+float64 arrays); the score is the query accuracy (0-1). Results are the mean and the 95% t-interval half-width
+sem * t.ppf(0.975, n-1), per sub-dataset and over all tasks together.
 """
-import contextlib
 import math
 from collections.abc import Mapping, Sequence
 
@@ -26,18 +28,18 @@ NORM_EPS = 1e-8
 
 
 def extract_features(model: torch.nn.Module, loader, device: torch.device | str, progress=None,
-                     normalize: bool = True, autocast=contextlib.nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+                     normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [M, d] float32, labels [M] int64) on the CPU, for a loader of (images, labels, ...) batches, in
-    the loader's order. The model runs in eval mode under inference_mode; its train/eval mode is restored.
-    `progress(iterable, desc)` may wrap the loader (e.g. Session.progress); `autocast()` is the context of the
-    forwards (e.g. Session.autocast; float32 by default). Features are L2-normalised (x / max(||x||, 1e-8))
-    unless normalize=False."""
+    the loader's order. The model runs in eval mode under inference_mode, in float32: autocast is switched off
+    even inside an autocast region (bf16 training must not change what is evaluated or labelled); its train/eval
+    mode is restored. `progress(iterable, desc)` may wrap the loader (e.g. Session.progress). Features are
+    L2-normalised (x / max(||x||, 1e-8)) unless normalize=False."""
     was_training = model.training
     model.eval()
     features, labels = [], []
     batches = progress(loader, "features") if progress else loader
     try:
-        with torch.inference_mode(), autocast():
+        with torch.inference_mode(), torch.autocast(torch.device(device).type, enabled=False):
             for batch in batches:
                 out = model(batch[0].to(device, non_blocking=True)).float()
                 if not torch.isfinite(out).all():
@@ -55,11 +57,13 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device | str,
 
 class TaskSampler:
     """Seeded few-shot tasks over one split's labels: `task(i)` -> (support, support_y, query, query_y) indices and
-    local labels (0..n_ways-1 in the order the classes were drawn), each class's images drawn without replacement."""
+    local labels (0..n_ways-1 in the order the classes were drawn), each class's images drawn without replacement.
+    `classes` lists the class ids in order of first appearance in `labels` (what the draw picks from)."""
 
     def __init__(self, labels, n_ways: int, n_shots: int, n_queries: int, split: str = "split"):
         labels = np.asarray(labels)
-        self.classes = np.unique(labels)
+        _, first_seen = np.unique(labels, return_index=True)
+        self.classes = labels[np.sort(first_seen)]
         self.members = {c: np.flatnonzero(labels == c) for c in self.classes}
         self.n_ways, self.n_shots, self.n_queries = n_ways, n_shots, n_queries
         if n_ways > len(self.classes):
@@ -92,11 +96,12 @@ def _task_accuracies(features: np.ndarray, sampler: TaskSampler, indices, C: flo
 def task_accuracies(features: torch.Tensor, labels: torch.Tensor, n_ways: int, n_shots: int, n_queries: int,
                     n_tasks: int, C: float = 1.0, use_bias: bool = True, n_jobs: int = 1,
                     split: str = "split") -> np.ndarray:
-    """Query accuracy of tasks 0..n_tasks-1 on one split's features [M, d] (used as given, float32 as the
-    reference). n_jobs > 1 runs chunks of tasks in parallel processes (joblib) with identical results. In a
-    distributed run each rank scores every world_size-th task and the scores are gathered (same result)."""
+    """Query accuracy of tasks 0..n_tasks-1 on one split's features [M, d], fitted in float64 (float32 input
+    makes scikit-learn solve in float32, whose looser convergence changes some tasks' predictions). n_jobs > 1
+    runs chunks of tasks in parallel processes (joblib) with identical results. In a distributed run each rank
+    scores every world_size-th task and the scores are gathered (same result)."""
     sampler = TaskSampler(labels.cpu().numpy(), n_ways, n_shots, n_queries, split)
-    features = features.detach().cpu().numpy()
+    features = features.detach().cpu().to(torch.float64).numpy()
     world = torch.distributed.get_world_size() if is_distributed() else 1
     rank = torch.distributed.get_rank() if is_distributed() else 0
     mine = np.arange(rank, n_tasks, world)
@@ -138,10 +143,9 @@ def evaluate_splits(splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], n_w
 
 def evaluate_model(model: torch.nn.Module, loaders: Mapping[str, object], device: torch.device | str,
                    n_ways: int, shots: Sequence[int], n_queries: int, n_tasks: int, C: float = 1.0,
-                   use_bias: bool = True, is_norm: bool = True, n_jobs: int = 1, progress=None,
-                   autocast=contextlib.nullcontext):
+                   use_bias: bool = True, is_norm: bool = True, n_jobs: int = 1, progress=None):
     """`evaluate_splits` on the features `model` gives for each loader (name -> loader of one split)."""
-    splits = {name: extract_features(model, loader, device, progress, normalize=is_norm, autocast=autocast)
+    splits = {name: extract_features(model, loader, device, progress, normalize=is_norm)
               for name, loader in loaders.items()}
     return evaluate_splits(splits, n_ways, shots, n_queries, n_tasks, C, use_bias, n_jobs)
 

@@ -46,3 +46,9 @@ def gradient_cosine(grads_a, grads_b) -> torch.Tensor:
     per_tensor = [F.cosine_similarity(a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1), dim=1).mean()
                   for a, b in zip(grads_a, grads_b)]
     return torch.stack(per_tensor).mean()
+
+
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """Losses run in float32 under half-precision autocast, and in the model's own precision when that is wider
+    (a float64 model stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))

@@ -21,12 +21,14 @@ from sklearn.metrics.cluster import contingency_matrix
 from torch.func import functional_call, jvp
 
 from dataset.hierarchical import HierarchicalData, ImageDataset, image_transform
-from engine.distributed import all_reduce_mean_, all_reduce_sum_, gather_objects, is_distributed
+from engine.distributed import all_reduce_mean_, all_reduce_sum_, gather_shards, is_distributed
 from engine.errors import UserError
 from engine.metrics import MeanTracker
-from engine.trainer import TrainingJob
-from methods.losses import focal_loss, gradient_cosine, negative_entropy, sample_entropy, soft_target_gradient
+from engine.trainer import Phase, TrainingJob
+from methods.losses import (at_least_float32, focal_loss, gradient_cosine, negative_entropy, sample_entropy,
+                            soft_target_gradient)
 from models import create_model
+from models.resnet import dropblock_schedules_paused
 
 # torch's forward-mode AD loads its decompositions through the deprecated torch.jit.script, once, and says so.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
@@ -44,19 +46,19 @@ class AuxiliaryTask:
     psi: list[int]
     primary_column: int
     auxiliary_column: int | None  # None for a dataset with a single label level
+    # Rank of each auxiliary-level class among the classes under its primary class (by id), over the whole
+    # hierarchy (train and test); None unless the auxiliary level nests under the primary one.
+    child_positions: np.ndarray | None = None
 
     @property
     def offsets(self) -> np.ndarray:
         return np.concatenate([[0], np.cumsum(self.psi)[:-1]]).astype(np.int64)
 
     def human_targets(self, labels: np.ndarray) -> np.ndarray:
-        """The true auxiliary-level class of each image, as its position inside its primary class's block."""
+        """The true auxiliary-level class of each image, as its position inside its primary class's block (the
+        same for every split, also one that lacks some classes)."""
         primary, auxiliary = labels[:, self.primary_column], labels[:, self.auxiliary_column]
-        position = {}
-        for parent in range(len(self.psi)):
-            for rank, child in enumerate(np.unique(auxiliary[primary == parent])):
-                position[child] = rank
-        return self.offsets[primary] + np.vectorize(position.get)(auxiliary)
+        return self.offsets[primary] + self.child_positions[auxiliary]
 
     def random_targets(self, labels: np.ndarray, seed: int) -> np.ndarray:
         """One fixed random auxiliary class per image, uniform inside its primary class's block."""
@@ -66,14 +68,20 @@ class AuxiliaryTask:
 
 
 def _children_per_parent(data: HierarchicalData, primary_column: int, auxiliary_column: int, levels: str):
+    """psi (auxiliary-level classes per primary class) and each auxiliary class's rank under its primary class,
+    from train and test together."""
     labels = np.concatenate([data.train_labels, data.test_labels])
-    pairs = np.unique(labels[:, [primary_column, auxiliary_column]], axis=0)
+    pairs = np.unique(labels[:, [primary_column, auxiliary_column]], axis=0)  # sorted by parent, then child
     parents_of_child = np.bincount(pairs[:, 1])
     if (parents_of_child > 1).any():
         child = int(np.argmax(parents_of_child > 1))
         raise UserError(f"{levels}: auxiliary class {child} falls under several primary classes, so psi cannot "
                         f"be derived from the hierarchy; give psi=[...] explicitly (method=human needs nesting)")
-    return np.bincount(pairs[:, 0], minlength=data.level_sizes[primary_column]).tolist()
+    psi = np.bincount(pairs[:, 0], minlength=data.level_sizes[primary_column])
+    first_of_parent = np.concatenate([[0], np.cumsum(psi)[:-1]])
+    positions = np.full(data.level_sizes[auxiliary_column], -1, dtype=np.int64)
+    positions[pairs[:, 1]] = np.arange(len(pairs)) - first_of_parent[pairs[:, 0]]
+    return psi.tolist(), positions
 
 
 def auxiliary_task(data: HierarchicalData, cfg) -> AuxiliaryTask:
@@ -84,9 +92,9 @@ def auxiliary_task(data: HierarchicalData, cfg) -> AuxiliaryTask:
     if cfg.auxiliary_level is not None:
         auxiliary_column = data.level_column(cfg.auxiliary_level, "auxiliary_level")
     levels = f"dataset {data.name}, primary_level={cfg.primary_level}, auxiliary_level={cfg.auxiliary_level}"
-    derived = None
+    derived = positions = None
     if auxiliary_column is not None and cfg.auxiliary_level > cfg.primary_level:
-        derived = _children_per_parent(data, primary_column, auxiliary_column, levels)
+        derived, positions = _children_per_parent(data, primary_column, auxiliary_column, levels)
     if cfg.method == "human" and derived is None:
         raise UserError(f"method=human needs an auxiliary level finer than the primary one ({levels}); "
                         f"levels of {data.name}: {data.level_sizes}")
@@ -107,7 +115,7 @@ def auxiliary_task(data: HierarchicalData, cfg) -> AuxiliaryTask:
                         f"auxiliary class")
     if cfg.method == "human" and psi != derived:
         raise UserError(f"method=human takes psi from the hierarchy ({derived}); drop the explicit psi")
-    return AuxiliaryTask(psi, primary_column, auxiliary_column)
+    return AuxiliaryTask(psi, primary_column, auxiliary_column, positions)
 
 
 # ---- the meta-gradient -------------------------------------------------------------------------------------
@@ -125,6 +133,28 @@ def batch_statistics(model: nn.Module):
             m.track_running_stats = True
 
 
+def _random_state(device: torch.device):
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_random_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+@contextmanager
+def replayed_randomness(state, device: torch.device):
+    """Run the block from the random state `state` (of `_random_state`), then continue from the current one: a
+    forward inside draws the same dropout and DropBlock masks as the forward that started from `state`."""
+    current = _random_state(device)
+    _set_random_state(state, device)
+    try:
+        yield
+    finally:
+        _set_random_state(current, device)
+
+
 def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, gamma: float,
                   first_order: bool = False, fd_epsilon: float = 0.01):
     """MAXL's generator gradient on one batch, and the primary loss/accuracy before and after the virtual step.
@@ -137,11 +167,15 @@ def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, g
 
     a mixed second derivative that forward-mode AD (`jvp`) gives exactly, at the cost of one forward pass with
     tangents, instead of a double backward through a `create_graph=True` gradient. `first_order` replaces the
-    jvp by the reference's central finite difference with eps = fd_epsilon / ||v||. The entropy term's gradient
-    is applied in both variants (the reference's first-order code dropped it).
+    jvp by the reference's central finite difference with eps = fd_epsilon / ||v|| (a zero v gives a zero
+    curvature). The entropy term's gradient is applied in both variants (the reference's first-order code
+    dropped it).
 
     The forward at theta1 runs on the real modules in train mode (its running statistics move, as in the
-    reference); the virtual forwards use batch statistics and leave them untouched.
+    reference; DropBlock's schedule advances once); the virtual forwards use batch statistics, leave every
+    buffer untouched, and the ones that differentiate L_aux (jvp or finite difference) replay the random masks
+    of the forward at theta1, so that with dropout or DropBlock in the backbone the gradient is still exact for
+    the masks drawn (the forward at theta1+ draws its own).
 
     In a distributed run each rank holds a shard of the batch: the inner gradient, v and the batch-mean label are
     averaged across ranks and the generator gradients summed, which gives the single-process gradient on the
@@ -151,12 +185,13 @@ def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, g
     names, params = zip(*model.named_parameters())
     soft = generator(x, y)
     targets = soft.detach()
+    masks_at_theta1 = _random_state(x.device)
     pri_logits, aux_logits = model(x)
     pre_loss = focal_loss(pri_logits.log_softmax(1), y, gamma)
     inner_grads = torch.autograd.grad(pre_loss + focal_loss(aux_logits.log_softmax(1), targets, gamma), params)
     all_reduce_mean_(inner_grads)
     fast = {n: (p - alpha * g).detach().requires_grad_() for n, p, g in zip(names, params, inner_grads)}
-    with batch_statistics(model):
+    with batch_statistics(model), dropblock_schedules_paused(model):
         after_logits = functional_call(model, fast, (x,))[0]
         after_loss = focal_loss(after_logits.log_softmax(1), y, gamma)
         direction = torch.autograd.grad(after_loss, list(fast.values()), materialize_grads=True)
@@ -164,14 +199,18 @@ def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, g
         base = {n: p.detach() for n, p in zip(names, params)}
 
         def aux_target_gradient(weights):
-            return soft_target_gradient(functional_call(model, weights, (x,))[1], gamma)
+            with replayed_randomness(masks_at_theta1, x.device):
+                return soft_target_gradient(functional_call(model, weights, (x,))[1], gamma)
 
         if first_order:
-            eps = fd_epsilon / torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction]))
+            # theta1 +- eps v with eps = fd_epsilon / ||v||, written with the unit direction so that v = 0 gives
+            # a zero curvature (not 0 / 0)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction]))
+            unit = [d / norm.clamp_min(torch.finfo(norm.dtype).tiny) for d in direction]
             with torch.no_grad():
-                plus = aux_target_gradient({n: b + eps * d for (n, b), d in zip(base.items(), direction)})
-                minus = aux_target_gradient({n: b - eps * d for (n, b), d in zip(base.items(), direction)})
-            curvature = (plus - minus) / (2 * eps)
+                plus = aux_target_gradient({n: b + fd_epsilon * u for (n, b), u in zip(base.items(), unit)})
+                minus = aux_target_gradient({n: b - fd_epsilon * u for (n, b), u in zip(base.items(), unit)})
+            curvature = (plus - minus) * (norm / (2 * fd_epsilon))
         else:
             _, curvature = jvp(aux_target_gradient, (base,), (dict(zip(names, direction)),))
     batch_mean = soft.mean(0)
@@ -192,6 +231,35 @@ def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, g
 def purity(true: np.ndarray, predicted: np.ndarray) -> float:
     """Share of samples whose predicted cluster's majority true class is their own."""
     return float(contingency_matrix(true, predicted).max(axis=0).sum() / len(true))
+
+
+def generator_agreement(true: np.ndarray, generated: np.ndarray, primary: np.ndarray) -> dict:
+    """How well the generator's arg-max labels recover the true finer-level labels, next to what the trivial
+    labelling (one label per primary class, i.e. per psi block) and chance score.
+
+    gen/nmi, gen/purity: over all images. The generated label always lies in the primary class's block, so the
+    block structure alone earns these a lot: gen/nmi_trivial, gen/purity_trivial. gen/nmi_within and
+    gen/purity_within: computed inside each primary class, then averaged over the primary classes with equal
+    weight, over the classes with at least two finer classes among their images (the others have nothing to
+    find). There the trivial labelling scores NMI 0 and gen/purity_within_trivial (each class's largest finer
+    class's share); the *_within_chance values are those of the generated labels shuffled inside each class
+    (same label counts, no link to the images): what finding nothing scores on a test set of this size.
+    (Weighted by class size, the within-class purity would be gen/purity itself.)
+    """
+    metrics = {"gen/nmi": float(normalized_mutual_info_score(true, generated)),
+               "gen/nmi_trivial": float(normalized_mutual_info_score(true, primary)),
+               "gen/purity": purity(true, generated), "gen/purity_trivial": purity(true, primary)}
+    inside = [primary == c for c in np.unique(primary) if len(np.unique(true[primary == c])) > 1]
+    if inside:
+        shuffle = np.random.default_rng(0)  # fixed: the same chance level for the same labels, every epoch
+        shuffled = [shuffle.permutation(generated[m]) for m in inside]
+        within = {"nmi_within": [normalized_mutual_info_score(true[m], generated[m]) for m in inside],
+                  "nmi_within_chance": [normalized_mutual_info_score(true[m], s) for m, s in zip(inside, shuffled)],
+                  "purity_within": [purity(true[m], generated[m]) for m in inside],
+                  "purity_within_trivial": [purity(true[m], primary[m]) for m in inside],
+                  "purity_within_chance": [purity(true[m], s) for m, s in zip(inside, shuffled)]}
+        metrics |= {f"gen/{key}": float(np.mean(values)) for key, values in within.items()}
+    return metrics
 
 
 class MaxlJob(TrainingJob):
@@ -237,25 +305,31 @@ class MaxlJob(TrainingJob):
                         "gen_scheduler": self.gen_scheduler}
         return objects
 
-    def _batches(self, loader, desc):
-        for x, targets, _ in self.session.progress(loader, desc):
-            yield self.session.to_device(x), targets.to(self.session.device, non_blocking=True)
+    def _on_device(self, batch):
+        x, targets, _ = batch
+        return self.session.to_device(x), targets.to(self.session.device, non_blocking=True)
 
-    def train_epoch(self, epoch: int) -> dict:
-        metrics = self._train_multitask(epoch)
+    def _batches(self, loader, desc):
+        for batch in self.session.progress(loader, desc):
+            yield self._on_device(batch)
+
+    def phases(self, epoch: int) -> list[Phase]:
+        """(1) the multi-task pass; for the label-learning methods (2) the meta pass over a new shuffle."""
+        phases = [Phase("multi-task", self.train_loader, self._multitask_phase_step)]
         if self.learns_labels:
-            metrics |= self._train_generator(epoch)
+            phases.append(Phase("meta", self.train_loader, self._generator_phase_step))
+        return phases
+
+    def end_epoch(self, epoch: int) -> None:
+        if self.learns_labels:
             self.gen_scheduler.step()
         self.scheduler.step()
-        return metrics
 
-    def _train_multitask(self, epoch: int) -> dict:
-        tracker = MeanTracker()
+    def _multitask_phase_step(self, batch, tracker) -> None:
         self.model.train()
-        for step, (x, targets) in enumerate(self._batches(self.train_loader, f"epoch {epoch} multi-task")):
-            for key, value in self.multitask_step(x, targets, with_cossim=step % self.cfg.cossim_every == 0).items():
-                tracker.add(key, value, 1 if key == "train/cossim" else len(x))
-        return tracker.result(self.session)
+        x, targets = self._on_device(batch)
+        for key, value in self.multitask_step(x, targets, with_cossim=tracker.step % self.cfg.cossim_every == 0).items():
+            tracker.add(key, value, 1 if key == "train/cossim" else len(x))
 
     def multitask_step(self, x, targets, with_cossim: bool) -> dict:
         """One SGD step of the multi-task (or single-task) net; returns the batch's metrics as tensors."""
@@ -264,16 +338,16 @@ class MaxlJob(TrainingJob):
         with self.session.autocast():
             # COSSIM takes two separate gradients, which DistributedDataParallel's backward hooks do not allow.
             outputs = (self.model if cossim else self.train_model)(x)
-            pri_loss = focal_loss(outputs[0].float().log_softmax(1), y, gamma)
+            pri_loss = focal_loss(at_least_float32(outputs[0]).log_softmax(1), y, gamma)
             metrics = {"train/loss": pri_loss.detach(), "train/acc": (outputs[0].argmax(1) == y).float().mean()}
             if self.has_auxiliary:
                 if self.learns_labels:
                     with torch.no_grad():  # generated labels are targets here; the generator is not stepped
-                        aux_target = self.generator(x, y).float()
+                        aux_target = at_least_float32(self.generator(x, y))
                 else:
                     aux_target = targets[:, 1]
                     metrics["train/aux_acc"] = (outputs[1].argmax(1) == aux_target).float().mean()
-                aux_loss = focal_loss(outputs[1].float().log_softmax(1), aux_target, gamma)
+                aux_loss = focal_loss(at_least_float32(outputs[1]).log_softmax(1), aux_target, gamma)
                 metrics["train/aux_loss"] = aux_loss.detach()
         self.optimizer.zero_grad(set_to_none=True)
         if cossim:
@@ -296,14 +370,12 @@ class MaxlJob(TrainingJob):
         pairs = [(a, b) for p, a, b in zip(params, pri, aux) if id(p) in shared]
         return gradient_cosine(*zip(*pairs)).detach()
 
-    def _train_generator(self, epoch: int) -> dict:
-        tracker = MeanTracker()
+    def _generator_phase_step(self, batch, tracker) -> None:
         self.model.train()
         self.generator.train()
-        for x, targets in self._batches(self.train_loader, f"epoch {epoch} meta"):
-            for key, value in self.generator_step(x, targets).items():
-                tracker.add(f"meta/{key}", value, len(x))
-        return tracker.result(self.session)
+        x, targets = self._on_device(batch)
+        for key, value in self.generator_step(x, targets).items():
+            tracker.add(f"meta/{key}", value, len(x))
 
     def generator_step(self, x, targets) -> dict:
         """One meta-update of the label generator; the multi-task net is not updated."""
@@ -321,26 +393,30 @@ class MaxlJob(TrainingJob):
     def evaluate(self, epoch: int) -> dict:
         cfg, tracker = self.cfg, MeanTracker()
         self.model.eval()
-        true_aux, generated = [], []
+        if self.learns_labels:
+            # Without dropout / DropBlock (backbones that have them); its batch norm has no running statistics,
+            # so for VGG-16 this is the training-mode generator the reference evaluates.
+            self.generator.eval()
+        labels = []  # per batch: primary, true auxiliary-level class, generated label
         for x, targets in self._batches(self.test_loader, f"epoch {epoch} test"):
             y = targets[:, 0]
             with self.session.autocast():
                 outputs = self.model(x)
-                soft = self.generator(x, y).float() if self.learns_labels else None
-            tracker.add("test/loss", focal_loss(outputs[0].float().log_softmax(1), y, cfg.focal_gamma), len(y))
+                soft = at_least_float32(self.generator(x, y)) if self.learns_labels else None
+            tracker.add("test/loss", focal_loss(at_least_float32(outputs[0]).log_softmax(1), y, cfg.focal_gamma),
+                        len(y))
             tracker.add("test/acc", (outputs[0].argmax(1) == y).float().mean(), len(y))
             if self.method == "human":
                 tracker.add("test/aux_acc", (outputs[1].argmax(1) == targets[:, 1]).float().mean(), len(y))
             if soft is not None:
                 tracker.add("gen/entropy", sample_entropy(soft).mean(), len(y))
-                generated.append(soft.argmax(1).cpu())
-                true_aux.append(targets[:, 2].cpu())
+                labels.append(torch.stack([y, targets[:, 2], soft.argmax(1)], 1).cpu())
+        if self.learns_labels:
+            self.generator.train()
         metrics = tracker.result(self.session)
-        if generated and self.task.auxiliary_column is not None:
-            shards = gather_objects((torch.cat(true_aux), torch.cat(generated)))
-            true, predicted = (torch.cat(parts).numpy() for parts in zip(*shards))
-            metrics["gen/nmi"] = float(normalized_mutual_info_score(true, predicted))
-            metrics["gen/purity"] = purity(true, predicted)
+        if labels and self.task.auxiliary_column is not None:
+            primary, true, generated = gather_shards(torch.cat(labels)).numpy().T  # in test-set order
+            metrics |= generator_agreement(true, generated, primary)
         return metrics
 
     def summarize(self, history: list[dict]) -> dict:

@@ -22,13 +22,13 @@ from omegaconf import OmegaConf
 
 from dataset.fewshot import FlatDataset, load_split, make_tasks, transform_from_config
 from engine.checkpoint import load_checkpoint, resolve_checkpoint
-from engine.distributed import gather_objects
+from engine.distributed import gather_shards
 from engine.errors import UserError
-from engine.trainer import TrainingJob
+from engine.trainer import Phase, TrainingJob
 from methods import labeler
 from methods.fewshot_eval import evaluate_splits, extract_features
-from methods.meta_ls import MetaLS, meta_train_epoch
-from methods.supervised import build_classifier, supervised_train_epoch
+from methods.meta_ls import MetaLS, meta_train_step
+from methods.supervised import build_classifier, supervised_train_step
 from models import create_model
 from models.resfc import FrozenBackboneHead
 
@@ -72,10 +72,11 @@ def saved_model_cfg(payload: dict):
 
 
 def check_architecture(payload: dict, model_cfg, key: str, path: Path) -> None:
-    """The checkpoint's backbone must be the configured one (same name and size arguments)."""
+    """The checkpoint's backbone must be the configured one (same name and size arguments). Keys the saved config
+    does not have (added to the model configs later) are not compared."""
     saved = OmegaConf.to_container(saved_model_cfg(payload))
     current = OmegaConf.to_container(model_cfg, resolve=True)
-    if saved != current:
+    if saved != {k: v for k, v in current.items() if k in saved}:
         overrides = " ".join(f"model.{k}={v}" for k, v in saved.items() if k != "name")
         raise UserError(f"{key}: {path} holds a {saved['name']} backbone {saved} but this run builds {current}: "
                         f"run with model={saved['name']} {overrides}")
@@ -125,17 +126,12 @@ def scheduler(cfg, opt) -> torch.optim.lr_scheduler.MultiStepLR:
 # ---- few-shot evaluation -----------------------------------------------------------------------------------
 
 def gathered_features(model, flat: FlatDataset, session, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [M, d] and labels of every image of `flat`, in order, on every rank: in a distributed run each
-    rank encodes a shard (items r, r + world, ...) and the shards are gathered."""
+    """Features [M, d] (float32, whatever the run's precision) and labels of every image of `flat`, in order, on
+    every rank: in a distributed run each rank encodes a shard (items r, r + world, ...) and the shards are
+    gathered."""
     loader = session.loader(flat, EVAL_BATCH * session.world_size, shuffle=False)
-    shard = extract_features(model, loader, session.device, session.progress, normalize=normalize,
-                             autocast=session.autocast)
-    parts = gather_objects(shard)
-    features = torch.empty(sum(len(f) for f, _ in parts), shard[0].shape[1])
-    labels = torch.empty(len(features), dtype=torch.long)
-    for rank, (f, y) in enumerate(parts):
-        features[rank::len(parts)], labels[rank::len(parts)] = f, y
-    return features, labels
+    features, labels = extract_features(model, loader, session.device, session.progress, normalize=normalize)
+    return gather_shards(features), gather_shards(labels)
 
 
 class FewShotEvaluator:
@@ -144,10 +140,16 @@ class FewShotEvaluator:
     out across ranks and their scores gathered before the intervals."""
 
     def __init__(self, cfg, session, split: str, n_ways: int, shots: list[int], C: float):
+        from engine.validation import check_split_fits
+
         self.session, self.n_ways, self.shots, self.C = session, n_ways, shots, C
         self.n_queries, self.n_tasks = cfg.n_queries, cfg.test_db_size
         self.use_bias, self.is_norm = cfg.use_bias, cfg.is_norm
         self.subsets = load_split(cfg.dataset, split)
+        # Checked now, not when validation first runs (epochs later); the training scripts validate with
+        # val_n_ways, sup_baseline and meta_eval with n_ways.
+        ways_key = "val_n_ways" if "val_n_ways" in cfg else "n_ways"
+        check_split_fits(self.subsets, split, (ways_key, n_ways), ("val_n_shots", shots), self.n_queries)
 
     def __call__(self, model) -> dict[int, dict[str, tuple[float, float]]]:
         splits = {sub.name: gathered_features(model, sub.flat, self.session, self.is_norm) for sub in self.subsets}
@@ -191,6 +193,9 @@ class ValidatedJob(TrainingJob):
     def state_objects(self) -> dict:
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
 
+    def end_epoch(self, epoch: int) -> None:
+        self.scheduler.step()
+
     def summarize(self, history: list[dict]) -> dict:
         validated = [row for row in history if any(key.startswith("val/") for key in row)]
         return {key: validated[-1][key] for key in validated[-1] if key.startswith("val/")} if validated else {}
@@ -213,10 +218,10 @@ class MetaLearningJob(ValidatedJob):
         session.log.info(f"meta-training on {len(tasks)} tasks per epoch ({', '.join(tasks.names)}), "
                          f"{trained:,} parameters trained")
 
-    def train_epoch(self, epoch: int) -> dict:
-        metrics = meta_train_epoch(self.learner, self.loader, self.optimizer, self.session, f"epoch {epoch}")
-        self.scheduler.step()
-        return metrics
+    def phases(self, epoch: int) -> list[Phase]:
+        return [Phase("meta-train", self.loader,
+                      lambda batch, tracker: meta_train_step(self.learner, batch, self.optimizer, self.session,
+                                                             tracker))]
 
 
 class SupervisedJob(ValidatedJob):
@@ -239,14 +244,16 @@ class SupervisedJob(ValidatedJob):
             return {}
         return accuracy_metrics(self.evaluator(self.model.backbone), "val")
 
-    def train_epoch(self, epoch: int) -> dict:
-        metrics = supervised_train_epoch(self.train_model, self.loader, self.optimizer, self.session,
-                                         f"epoch {epoch}")
-        self.scheduler.step()
-        return metrics
+    def phases(self, epoch: int) -> list[Phase]:
+        return [Phase("train", self.loader,
+                      lambda batch, tracker: supervised_train_step(self.train_model, batch, self.optimizer,
+                                                                   self.session, tracker))]
 
 
 def validator(cfg, session, n_ways: int, C: float) -> FewShotEvaluator:
+    """Few-shot validation on the val split with the logistic regression's C: test_C, except learn_labeler's
+    C = 1 / lam (1000 by default), as the original (which overrides test_C there); so learn_labeler's val
+    accuracies are not comparable with meta_eval's (C = test_C = 1)."""
     return FewShotEvaluator(cfg, session, "val", n_ways, int_list(cfg.val_n_shots), C)
 
 
@@ -271,7 +278,7 @@ def infer_global_labels(cfg, session, backbone: torch.nn.Module, origin: str) ->
     backbone = session.prepare(backbone)
     features, task_indices, true_classes = [], [], []
     for sub, part in zip(subsets, tasks.datasets):
-        features.append(gathered_features(backbone, sub.flat, session, normalize=False)[0])  # raw, as the reference
+        features.append(gathered_features(backbone, sub.flat, session, normalize=False)[0])  # raw, as the original
         drawn = [part.task_indices(i) for i in range(len(part))]
         true_classes.append(torch.as_tensor(np.stack([classes for classes, _ in drawn])))
         task_indices.append(torch.as_tensor(np.stack([indices for _, indices in drawn])))
@@ -281,7 +288,7 @@ def infer_global_labels(cfg, session, backbone: torch.nn.Module, origin: str) ->
     if cfg.pretrained_centroids:
         centroids, _ = labeler.load_centroids(Path(str(cfg.pretrained_centroids)), all_features.shape[1])
         session.log.info(f"labeler: {len(centroids)} centroids from {cfg.pretrained_centroids}")
-    elif cfg.resume and saved.is_file():
+    elif session.resuming and saved.is_file():
         centroids, _ = labeler.load_centroids(saved, all_features.shape[1])
         session.log.info(f"labeler: {len(centroids)} centroids from this run's {saved}")
     else:
@@ -301,6 +308,9 @@ def infer_global_labels(cfg, session, backbone: torch.nn.Module, origin: str) ->
     labels = np.concatenate([labels[domain == d] for d in range(len(subsets))])
     dataset = FlatDataset(pixels, labels, transform_from_config(cfg.dataset, cfg.sup_data_aug),
                           rotate=cfg.sup_rotate_aug, name=f"{cfg.dataset.name}/inferred")
+    session.log.info(f"labeler: {len(np.unique(images)):,} of the {int(offsets[-1]):,} train images labelled (the "
+                     f"rest are in rejected tasks or in no task), {len(labels):,} training items (an image drawn by "
+                     f"several random tasks counts once per task)")
     if session.is_main:
         labeler.save_centroids(saved, centroids, n_ways=cfg.n_ways, std_factor=cfg.std_factor, K=cfg.K,
                                backbone=origin, n_cls=n_cls)

@@ -112,27 +112,28 @@ class MetaLS(nn.Module):
                             self.lam, self.extra_reg, self.positive_pairs)
 
 
-def meta_train_epoch(learner: nn.Module, loader, optimizer: torch.optim.Optimizer, session,
-                     desc: str = "train") -> dict[str, float]:
-    """One epoch of meta-training over a loader of few-shot tasks (one task, or tasks_per_step stacked ones;
-    each batch starts support_x, support_y, query_x, query_y). Returns the means of the metrics (`train/...`)
-    and the number of steps skipped for a non-finite loss (see methods.training.guarded_step). Forwards run under
-    `session.autocast()` (bf16 on a GPU when precision allows; the ridge algebra stays float32)."""
+def meta_train_step(learner: nn.Module, batch, optimizer: torch.optim.Optimizer, session, tracker) -> None:
+    """One meta-training step on a batch of few-shot tasks (one task, or tasks_per_step stacked ones; each batch
+    starts support_x, support_y, query_x, query_y), added to `tracker` as `train/...` means, with
+    `train/skipped_steps` counting steps skipped for a non-finite loss (see methods.training.guarded_step).
+    Forwards run under `session.autocast()` (bf16 on a GPU when precision allows; the ridge algebra stays float32)."""
     learner.train()
+    support_x, support_y, query_x, query_y = (session.to_device(t) for t in batch[:4])
+
+    def compute():
+        with session.autocast():
+            return learner(support_x, support_y, query_x, query_y)
+
+    metrics = guarded_step(compute, optimizer)
+    tracker.total("train/skipped_steps", int(metrics is None))
+    n_tasks = len(support_x) if support_x.dim() == 5 else 1
+    for name, value in (metrics or {}).items():
+        tracker.add(f"train/{name}", value, count=n_tasks)
+
+
+def meta_train_epoch(learner: nn.Module, loader, optimizer: torch.optim.Optimizer, session) -> dict[str, float]:
+    """`meta_train_step` over every batch of `loader`, outside the engine's loop (tests, benches): the means."""
     tracker = MeanTracker()
-    skipped = 0
-    for batch in session.progress(loader, desc):
-        support_x, support_y, query_x, query_y = (session.to_device(t) for t in batch[:4])
-
-        def compute():
-            with session.autocast():
-                return learner(support_x, support_y, query_x, query_y)
-
-        metrics = guarded_step(compute, optimizer)
-        if metrics is None:
-            skipped += 1
-            continue
-        n_tasks = len(support_x) if support_x.dim() == 5 else 1
-        for name, value in metrics.items():
-            tracker.add(f"train/{name}", value, count=n_tasks)
-    return {**tracker.result(session), "train/skipped_steps": skipped}
+    for batch in loader:
+        meta_train_step(learner, batch, optimizer, session, tracker)
+    return tracker.result(session)

@@ -1,72 +1,245 @@
-"""The whole MeLa chain with consistent arguments, then meta_eval of every stage and one table:
+"""The whole MeLa chain with consistent arguments, then meta_eval of every stage, over datasets x models x seeds:
 
-    python -m methods.pipeline --dataset miniImageNet [--name NAME] [--python PY] -- key=value ...
+    python -m methods.pipeline --dataset miniImageNet [tieredImageNet ...] [--model resnet12 resnet18 ...]
+                               [--seed 0 1 2] [--name NAME] [--out DIR] [--python PY] -- key=value ...
 
-Steps: learn_meta_repr -> learn_labeler (pretrained_labeler = step 1) -> fine_tune (pretrained_model = step 2),
-and sup_baseline (the oracle); each run is named `<NAME>_<step>`, so each step finds the previous one's
-checkpoint by name. Every override goes to each script whose config has its key (e.g. `epochs=...` to the
-training steps, `model.width_mult=...` to all of them); `SCRIPT:key=value` goes to that script alone (e.g.
-`fine_tune:epochs=2`); an override no script knows is an error. meta_eval runs write to
-logs/pipeline/<NAME>/<step>/. `make pipeline DATASET=... ARGS='...'` calls this.
+For every dataset, model and seed (one chain): learn_meta_repr -> learn_labeler (pretrained_labeler = step 1) ->
+fine_tune (pretrained_model = step 2), and sup_baseline (the oracle); then meta_eval of each of the four. A run is
+named `<NAME>_<dataset>_<model>_<step>_s<seed>` (NAME: pipeline unless given), so each step finds the previous
+one's checkpoint by name, and its run directory is `<DIR>/<dataset>_<model>_s<seed>/train/<step>/` (meta_eval's:
+`.../eval/<step>/`; DIR: logs/pipeline/<NAME> unless given), so `python -m engine.report '<DIR>/*/eval'` gives
+the table over seeds. Without --model or --seed, the scripts' `model` and `seed` (or those among the overrides).
+
+Running the same command again continues the study: a training step whose run is finished (its last.pt holds the
+last epoch, not a place inside one) is skipped, an interrupted one continues (resume=auto), and one whose input
+step ran after it (or runs now) starts again (overwrite=true); a run that exists with other settings than asked
+is an error before any work starts. meta_eval runs again unless its results are newer than the checkpoint it
+scores and were made with the same settings. `overwrite=true` among the overrides runs every step again.
+
+Every override goes to each script whose config has its key (e.g. `epochs=...` to the training steps,
+`model.width_mult=...` to all of them); `SCRIPT:key=value` goes to that script alone (e.g. `fine_tune:epochs=2`);
+an override no script knows is an error. `make pipeline` and `make mela_study` call this.
 """
 import argparse
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from omegaconf import DictConfig, OmegaConf
+
+from engine.checkpoint import load_checkpoint
+from engine.config import RESUMABLE_CHANGES, leaves
 from engine.entry import compose
+from engine.errors import UserError
 from methods.fewshot_eval import read_results, results_table
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING = ("learn_meta_repr", "learn_labeler", "fine_tune", "sup_baseline")
+EVALUATION = "meta_eval"
+# step -> (its key that names the checkpoint it starts from, the step that writes that checkpoint)
+INPUTS = {"learn_labeler": ("pretrained_labeler", "learn_meta_repr"),
+          "fine_tune": ("pretrained_model", "learn_labeler")}
 LABELS = {"learn_meta_repr": "learn_meta_repr (MetaLS)", "learn_labeler": "labeler + supervised",
           "fine_tune": "fine_tune", "sup_baseline": "sup_baseline (oracle)"}
+# Overrides the pipeline sets itself: key -> how
+SET_HERE = {"dataset": "give the datasets by --dataset", "name": "give its first part by --name",
+            "pretrained_labeler": "to step 1's run", "pretrained_model": "to the previous step's run",
+            "hydra.run.dir": "under --out"}
+COMPARED_AWAY = RESUMABLE_CHANGES | {"hydra"}  # settings a run may change and still be the same run
 
 
 def root_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~").split(".", 1)[0].split("@", 1)[0]
 
 
-def config_keys(script: str, dataset: str) -> set[str]:
-    return set(compose(script, [f"dataset={dataset}"]).keys()) | {"hydra"}
+def split_values(values: list[str] | None) -> list[str]:
+    """`a b`, `a,b` or both: the listed values, in order."""
+    return [v for value in values or [] for v in value.split(",") if v]
 
 
-def run(python: str, script: str, args: list[str]) -> None:
-    print(f"\n==> {script}.py {' '.join(args)}", flush=True)
-    done = subprocess.run([python, str(ROOT / f"{script}.py"), *args])
+@dataclass
+class Step:
+    script: str
+    name: str
+    overrides: list[str]   # every override of its run except the run directory
+    run_dir: Path
+    cfg: DictConfig        # the config the run gets
+    action: str = "run"    # run | skip | restart
+
+
+@dataclass
+class Chain:
+    dataset: str
+    model: str
+    seed: int
+    folder: Path
+    training: list[Step] = field(default_factory=list)
+    evaluations: list[Step] = field(default_factory=list)
+
+
+def distribute(overrides: list[str], keys: dict[str, set[str]]) -> dict[str, list[str]]:
+    """script -> the overrides it takes (see the module docstring)."""
+    given = {script: [] for script in keys}
+    for override in overrides:
+        script, _, scoped = override.partition(":") if override.split("=", 1)[0].count(":") else ("", "", override)
+        key = scoped.split("=", 1)[0].lstrip("+~")
+        if key in SET_HERE:
+            raise UserError(f"{override}: the pipeline sets {key} itself ({SET_HERE[key]})")
+        targets = [script] if script else [s for s, k in keys.items() if root_key(scoped) in k]
+        if not targets or any(t not in keys or root_key(scoped) not in keys[t] for t in targets):
+            raise UserError(f"{override}: no such key in {script or 'any pipeline script'}; scripts: "
+                            f"{', '.join(keys)}")
+        for target in targets:
+            given[target].append(scoped)
+    return given
+
+
+def chains(args, given: dict[str, list[str]]) -> list[Chain]:
+    """Every chain of the study, its steps named and composed (which checks every setting before any work)."""
+    seeds = split_values(args.seed)
+    if not all(seed.lstrip("-").isdigit() for seed in seeds):
+        raise UserError(f"--seed {' '.join(seeds)}: seeds are integers")
+    if seeds and any(root_key(o) == "seed" for overrides in given.values() for o in overrides):
+        raise UserError("seed= among the overrides and --seed: give the seeds once, by --seed")
+    models = split_values(args.model)
+    if models and any(o.split("=", 1)[0].lstrip("+~") == "model" for overrides in given.values() for o in overrides):
+        raise UserError("model= among the overrides and --model: give the models once, by --model")
+    name = args.name
+    found = []
+    for dataset in split_values(args.dataset):
+        for model in models or [None]:
+            for seed in seeds or [None]:
+                axes = [f"dataset={dataset}", *([f"model={model}"] if model else []),
+                        *([f"seed={seed}"] if seed is not None else [])]
+                first = compose(TRAINING[0], [*axes, *given[TRAINING[0]]])
+                model_name, seed_value = str(first.model.name), int(first.seed)
+                folder = (args.out or Path("logs") / "pipeline" / name) / f"{dataset}_{model_name}_s{seed_value}"
+                chain = Chain(dataset, model_name, seed_value, folder)
+
+                def run_name(step, chain=chain):
+                    return f"{name}_{chain.dataset}_{chain.model}_{step}_s{chain.seed}"
+
+                for script in TRAINING:
+                    inputs = [f"{INPUTS[script][0]}={run_name(INPUTS[script][1])}"] if script in INPUTS else []
+                    overrides = [*axes, *given[script], *inputs, f"name={run_name(script)}"]
+                    chain.training.append(Step(script, run_name(script), overrides, folder / "train" / script,
+                                               compose(script, overrides)))
+                evaluation = compose(EVALUATION, [*axes, *given[EVALUATION]])  # the same but for its input
+                for trained in TRAINING:
+                    inputs = {"pretrained_model": run_name(trained), "name": run_name(f"eval_{trained}")}
+                    overrides = [*axes, *given[EVALUATION], *(f"{k}={v}" for k, v in inputs.items())]
+                    chain.evaluations.append(Step(EVALUATION, inputs["name"], overrides, folder / "eval" / trained,
+                                                  OmegaConf.merge(evaluation, inputs)))
+                found.append(chain)
+    return found
+
+
+def changed_setting(saved_yaml: str, cfg) -> tuple[str, object, object] | None:
+    """The first setting (key, saved, asked) that differs between a checkpoint's run and `cfg`, if any."""
+    saved = leaves(OmegaConf.create(saved_yaml), skip=COMPARED_AWAY)
+    asked = leaves(cfg, skip=COMPARED_AWAY)
+    changed = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
+    return (changed[0], saved.get(changed[0]), asked.get(changed[0])) if changed else None
+
+
+def last_checkpoint(step: Step) -> Path:
+    return Path(step.cfg.checkpoint_dir) / step.cfg.name / "last.pt"
+
+
+def plan(chain: Chain) -> None:
+    """Set each step's action. Training: skip a finished run, restart one older than its input, else run (a new
+    run, or the continuation of an interrupted one); a run with other settings than asked is an error. meta_eval:
+    skip when its results are newer than the checkpoint it scores and were made with the same settings."""
+    runs_now = set()
+    by_script = {step.script: step for step in chain.training}
+
+    def older_than_input(path: Path, upstream: Step) -> bool:
+        return upstream.script in runs_now or last_checkpoint(upstream).stat().st_mtime > path.stat().st_mtime
+
+    for step in chain.training:
+        last = last_checkpoint(step)
+        upstream = by_script[INPUTS[step.script][1]] if step.script in INPUTS else None
+        if step.cfg.overwrite or not last.is_file():
+            step.action = "run"
+        elif upstream is not None and older_than_input(last, upstream):
+            step.action = "restart"
+        else:
+            payload = load_checkpoint(last, fix=f"delete {last.parent} or run the pipeline with overwrite=true")
+            if payload.get("script") != step.script:
+                raise UserError(f"{last} was written by {payload.get('script')}.py, not {step.script}.py: give the "
+                                f"pipeline another --name")
+            if changed := changed_setting(payload["config"], step.cfg):
+                key, saved, asked = changed
+                raise UserError(f"{step.script}: run {step.name} exists with {key}={saved} (asked: {asked}): give "
+                                f"the pipeline another --name, or overwrite=true to run every step again")
+            finished = payload["epoch"] == int(step.cfg.epochs) - 1 and payload.get("position") is None
+            step.action = "skip" if finished else "run"
+        if step.action != "skip":
+            runs_now.add(step.script)
+    for step, trained in zip(chain.evaluations, chain.training):
+        results, config = step.run_dir / "results.json", step.run_dir / "config.yaml"
+        up_to_date = results.is_file() and config.is_file() and not older_than_input(results, trained)
+        step.action = "skip" if up_to_date and not changed_setting(config.read_text(), step.cfg) else "run"
+
+
+def launch(python: str, step: Step) -> None:
+    args = [*step.overrides, f"hydra.run.dir={step.run_dir}"]
+    print(f"\n==> {step.script}.py {' '.join(args)}", flush=True)
+    done = subprocess.run([python, str(ROOT / f"{step.script}.py"), *args])
     if done.returncode:
-        raise SystemExit(f"error: {script}.py failed (exit status {done.returncode}); the pipeline stops there")
+        raise UserError(f"{step.script}.py failed (exit status {done.returncode}); the pipeline stops there: "
+                        f"the same command continues it")
+
+
+def run_chain(chain: Chain, python: str) -> None:
+    for step in chain.training:
+        if step.action == "skip":
+            print(f"skipping {step.script}: {step.name} is finished", flush=True)
+            continue
+        if step.action == "restart":
+            upstream = INPUTS[step.script][1]
+            print(f"restarting {step.script}: {step.name} is older than its input {upstream}", flush=True)
+            step.overrides.append("overwrite=true")
+        launch(python, step)
+    for step in chain.evaluations:
+        if step.action == "skip":
+            print(f"skipping {step.script} of {step.cfg.pretrained_model}: {step.run_dir / 'results.json'} is up to "
+                  f"date", flush=True)
+            continue
+        launch(python, step)
+    results = {LABELS[trained]: read_results(step.run_dir / "results.json")
+               for trained, step in zip(TRAINING, chain.evaluations)}
+    print(f"\n{chain.dataset}, {chain.model}, seed {chain.seed}: meta_eval accuracy (%) with 95% intervals over "
+          f"tasks\n{results_table(results)}", flush=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, help="dataset= of every step")
-    parser.add_argument("--name", help="prefix of the run names (default: pipeline_<dataset>)")
+    parser.add_argument("--dataset", nargs="+", required=True, help="dataset= of every step (several: a loop)")
+    parser.add_argument("--model", nargs="+", help="model= of every step (several: a loop)")
+    parser.add_argument("--seed", nargs="+", help="seed= of every step (several: a loop)")
+    parser.add_argument("--name", default="pipeline", help="first part of the run names (default: pipeline)")
+    parser.add_argument("--out", type=Path, help="where the run directories go (default: logs/pipeline/NAME)")
     parser.add_argument("--python", default=sys.executable, help="the interpreter that runs the scripts")
     parser.add_argument("overrides", nargs="*", help="key=value for every step that has the key")
     args = parser.parse_args(argv)
-    name = args.name or f"pipeline_{args.dataset}"
-    keys = {script: config_keys(script, args.dataset) for script in (*TRAINING, "meta_eval")}
-    common = {script: [f"dataset={args.dataset}"] for script in keys}
-    for override in args.overrides:
-        script, _, scoped = override.partition(":") if override.split("=", 1)[0].count(":") else ("", "", override)
-        targets = [script] if script else [s for s, k in keys.items() if root_key(scoped) in k]
-        if not targets or any(t not in keys or root_key(scoped) not in keys[t] for t in targets):
-            raise SystemExit(f"error: {override}: no such key in {script or 'any pipeline script'}; scripts: "
-                             f"{', '.join(keys)}")
-        for target in targets:
-            common[target].append(scoped)
-    inputs = {"learn_labeler": [f"pretrained_labeler={name}_learn_meta_repr"],
-              "fine_tune": [f"pretrained_model={name}_learn_labeler"]}
-    for script in TRAINING:
-        run(args.python, script, [*common[script], *inputs.get(script, []), f"name={name}_{script}"])
-    eval_dirs = {}
-    for script in TRAINING:
-        eval_dirs[script] = Path("logs") / "pipeline" / name / script
-        run(args.python, "meta_eval", [*common["meta_eval"], f"pretrained_model={name}_{script}",
-                                       f"name={name}_eval_{script}", f"hydra.run.dir={eval_dirs[script]}"])
-    print(f"\n{args.dataset}: meta_eval accuracy (%) with 95% intervals\n"
-          + results_table({LABELS[s]: read_results(d / "results.json") for s, d in eval_dirs.items()}))
+    try:
+        if "/" in args.name or not args.name.strip():
+            raise UserError(f"--name {args.name!r}: a run name has no '/' and is not empty")
+        keys = {script: set(compose(script, [f"dataset={split_values(args.dataset)[0]}"]).keys()) | {"hydra"}
+                for script in (*TRAINING, EVALUATION)}
+        study = chains(args, distribute(args.overrides, keys))
+        for chain in study:
+            plan(chain)
+        for chain in study:
+            run_chain(chain, args.python)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    if len(study) > 1:
+        print(f"\n{len(study)} chains done: python -m engine.report '{study[0].folder.parent}/*/eval' tabulates "
+              f"them over seeds", flush=True)
 
 
 if __name__ == "__main__":

@@ -45,27 +45,28 @@ def correct_share(logits: torch.Tensor | tuple[torch.Tensor, ...], targets: torc
     return torch.stack([(head.argmax(1) == targets[:, h]).float().mean() for h, head in enumerate(logits)]).mean()
 
 
-def supervised_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, session,
-                           desc: str = "train") -> dict[str, float]:
-    """One epoch of cross-entropy training over a loader of (images, targets, ...) batches. Returns the
-    sample-weighted means of train/loss and train/acc, and the steps skipped for a non-finite loss. Forwards run
+def supervised_train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer, session, tracker) -> None:
+    """One cross-entropy step on a batch of (images, targets, ...), added to `tracker` as sample-weighted
+    train/loss and train/acc, with `train/skipped_steps` counting steps skipped for a non-finite loss. Forwards run
     under `session.autocast()`."""
     model.train()
+    images, targets = session.to_device(batch[0]), session.to_device(batch[1])
+
+    def compute():
+        with session.autocast():
+            logits = model(images)
+            loss = classification_loss(logits, targets)
+        return loss, {"loss": loss.detach(), "acc": correct_share(logits, targets)}
+
+    metrics = guarded_step(compute, optimizer)
+    tracker.total("train/skipped_steps", int(metrics is None))
+    for name, value in (metrics or {}).items():
+        tracker.add(f"train/{name}", value, count=len(images))
+
+
+def supervised_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, session) -> dict[str, float]:
+    """`supervised_train_step` over every batch of `loader`, outside the engine's loop (tests, benches)."""
     tracker = MeanTracker()
-    skipped = 0
-    for batch in session.progress(loader, desc):
-        images, targets = session.to_device(batch[0]), session.to_device(batch[1])
-
-        def compute():
-            with session.autocast():
-                logits = model(images)
-                loss = classification_loss(logits, targets)
-            return loss, {"loss": loss.detach(), "acc": correct_share(logits, targets)}
-
-        metrics = guarded_step(compute, optimizer)
-        if metrics is None:
-            skipped += 1
-            continue
-        for name, value in metrics.items():
-            tracker.add(f"train/{name}", value, count=len(images))
-    return {**tracker.result(session), "train/skipped_steps": skipped}
+    for batch in loader:
+        supervised_train_step(model, batch, optimizer, session, tracker)
+    return tracker.result(session)

@@ -17,10 +17,14 @@ def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
 def guarded_step(compute: Callable[[], tuple[torch.Tensor, dict]], optimizer: torch.optim.Optimizer,
                  retries: int = RETRIES) -> dict | None:
     """zero_grad, (loss, metrics) = compute(), backward, step. A NaN/Inf loss is recomputed up to `retries` times
-    (dropout and DropBlock draw anew); if it stays non-finite the step is skipped and None returned."""
+    (dropout and DropBlock draw anew); if it stays non-finite the step is skipped and None returned. A singular
+    linear solve inside `compute` counts as a non-finite loss."""
     for _ in range(1 + retries):
         optimizer.zero_grad(set_to_none=True)
-        loss, metrics = compute()
+        try:
+            loss, metrics = compute()
+        except torch.linalg.LinAlgError:  # a ridge solve on non-finite features: the same as a non-finite loss
+            loss, metrics = torch.tensor(float("nan")), {}
         if _finite_on_all_ranks(loss):
             loss.backward()
             optimizer.step()

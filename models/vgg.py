@@ -1,6 +1,7 @@
 """VGG-16 with batch norm, as MAXL uses it: 13 conv layers in 5 blocks, 512-d features at 32x32."""
 import torch.nn as nn
 
+from engine.errors import UserError
 from models import register_model, scaled
 
 VGG16_BLOCKS = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]  # (channels, 3x3 convs) per block
@@ -29,6 +30,10 @@ class VGG16(nn.Module):
         self.feat_dim = channels
 
     def forward(self, x):
+        if not all(32 <= side < 64 for side in x.shape[-2:]):
+            raise UserError(f"VGG-16 takes images of 32x32 pixels (its five poolings must leave a 1x1 map), got "
+                            f"{x.shape[-2]}x{x.shape[-1]}: resize the images or use model=resnet12, resnet18 or "
+                            f"conv4, which pool globally")
         return self.blocks(x).flatten(1)
 
 

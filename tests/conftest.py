@@ -31,3 +31,17 @@ def one_line_error(result) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, result.stderr
     return lines[0]
+
+
+# Files whose tests start many processes, longest first: handed out first, so that `pytest -n 2 --dist loadfile`
+# spreads them over both workers and the short files fill in around them.
+LONG_FILES = ("test_preemption.py", "test_distributed.py", "test_presets.py", "test_mela_scripts.py",
+              "test_bench.py", "test_maxl_train.py", "test_validation.py", "test_own_data_scripts.py")
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        name = item.path.name
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: each file keeps its own order

@@ -1,4 +1,4 @@
-"""Small generated copies of the original MeLa on-disk layouts (spec §3), for the data-layer tests."""
+"""Small generated copies of the original MeLa on-disk layouts, for the data-layer tests."""
 import pickle
 from pathlib import Path
 

@@ -10,6 +10,7 @@ import torch
 import methods.maxl as maxl
 from conftest import ROOT
 from engine.metrics import NOT_COMPARED, read_metrics
+from test_preemption import interrupt_in_second_epoch
 from tests_distributed_data import batch_and_nets
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
@@ -75,10 +76,16 @@ def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, 
             tolerance = 0.05 if key == "train/cossim" else 1e-5
             assert b[key] == pytest.approx(a[key], rel=1e-3, abs=tolerance), key
 
-    first = torchrun([SCRIPT, *RUN, "epochs=1", "name=resumed"], tmp_path, workspace, 29613)
-    assert first.returncode == 0, first.stderr[-3000:]
-    second = torchrun([SCRIPT, *RUN, "epochs=2", "name=resumed", "resume=true"], tmp_path, workspace, 29614)
+    # SIGTERM to torchrun in the second epoch (it passes the signal to both ranks), then the same command
+    env = dict(os.environ, WORKSPACE=str(workspace), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    args = [*TORCHRUN, "29613", SCRIPT, *RUN, "epochs=2", "name=resumed"]
+    status, output = interrupt_in_second_epoch(args, tmp_path, env)
+    assert "interrupted by SIGTERM at epoch 1 step " in output, output[-3000:]
+    assert final_state(workspace, "resumed")["position"]["epoch"] == 1
+    args[len(TORCHRUN)] = "29614"
+    second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed at epoch 1 step " in second.stderr
     assert comparable(run_metrics(tmp_path, "resumed")) == comparable(run_metrics(tmp_path, "two"))
     resumed = final_state(workspace, "resumed")["state"]
     for key in ("model", "generator"):

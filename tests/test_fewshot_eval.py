@@ -1,4 +1,6 @@
 """Few-shot evaluation: features, seeded tasks, scikit-learn logistic regression, t-intervals, bad requests."""
+from types import SimpleNamespace
+
 import joblib
 import numpy as np
 import pytest
@@ -8,9 +10,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 
+from dataset.fewshot import FlatDataset, ImageTransform
 from engine.errors import UserError
 from methods.fewshot_eval import (TaskSampler, evaluate_splits, extract_features, flat_metrics,
                                   mean_confidence_interval, task_accuracies)
+from methods.mela import gathered_features
 
 
 def split_features(n_classes=8, per_class=25, dim=12, seed=0):
@@ -20,13 +24,48 @@ def split_features(n_classes=8, per_class=25, dim=12, seed=0):
     return F.normalize(features, dim=1), labels + 3  # ids need not start at 0
 
 
+def original_meta_test(features, labels, n_ways, n_shots, n_queries, n_tasks, C=1.0, use_bias=True):
+    """The original's evaluation, written out: numpy float64 features, classes indexed in order of first
+    appearance (a dict filled label by label), np.random.seed(i) per task, then n_ways classes and each class's
+    n_shots + n_queries images drawn with the global numpy RNG; logistic regression on the support set; the mean
+    and the 95% t-interval half-width. Returns (per-task accuracies, (mean, half-width))."""
+    x = features.numpy().astype(np.float64)
+    label_to_index = {}
+    for index, label in enumerate(labels.tolist()):
+        label_to_index.setdefault(label, []).append(index)
+    saved = np.random.get_state()
+    try:
+        scores = []
+        for i in range(n_tasks):
+            np.random.seed(i)
+            classes = np.random.choice(list(label_to_index), n_ways, replace=False)
+            picks = [np.random.choice(label_to_index[c], n_shots + n_queries, replace=False) for c in classes]
+            support, query = np.concatenate([p[:n_shots] for p in picks]), np.concatenate([p[n_shots:] for p in picks])
+            clf = LogisticRegression(penalty="l2", C=C, solver="lbfgs", max_iter=1000, fit_intercept=use_bias,
+                                     random_state=0).fit(x[support], np.repeat(np.arange(n_ways), n_shots))
+            scores.append(np.mean(clf.predict(x[query]) == np.repeat(np.arange(n_ways), n_queries)))
+    finally:
+        np.random.set_state(saved)
+    scores = np.array(scores)
+    return scores, (scores.mean(), scipy.stats.sem(scores) * scipy.stats.t.ppf(0.975, len(scores) - 1))
+
+
+def scrambled_ids(labels: torch.Tensor) -> torch.Tensor:
+    """The same classes under non-contiguous ids whose first appearance is not in sorted order (as the
+    h_aircraft family and maker levels)."""
+    ids = torch.tensor([40, 3, 17, 8, 91, 25, 60, 12, 33, 5])
+    return ids[labels - labels.min()]
+
+
 def test_tasks_are_seeded_per_index_without_replacement():
     _, labels = split_features()
     sampler = TaskSampler(labels.numpy(), n_ways=5, n_shots=2, n_queries=4)
     support, support_y, query, query_y = sampler.task(7)
-    # The documented protocol, written out: RandomState(i) draws the classes, then each class's images.
+    # The documented protocol, written out: RandomState(i) draws the classes (in first-seen order), then each
+    # class's images.
     rng = np.random.RandomState(7)
-    classes = rng.choice(np.unique(labels.numpy()), 5, replace=False)
+    first_seen = list(dict.fromkeys(labels.tolist()))
+    classes = rng.choice(first_seen, 5, replace=False)
     picks = [rng.choice(np.flatnonzero(labels.numpy() == c), 6, replace=False) for c in classes]
     assert support.tolist() == [i for p in picks for i in p[:2]]
     assert query.tolist() == [i for p in picks for i in p[2:]]
@@ -38,17 +77,77 @@ def test_tasks_are_seeded_per_index_without_replacement():
     assert np.array_equal(np.random.get_state()[1], state)  # the global numpy RNG is left alone
 
 
-@pytest.mark.parametrize("shots,use_bias", [(1, True), (5, False)])
-def test_accuracies_equal_sklearn_called_directly(shots, use_bias):
-    features, labels = split_features()
-    scores = task_accuracies(features, labels, 5, shots, 6, n_tasks=4, C=0.5, use_bias=use_bias)
-    sampler = TaskSampler(labels.numpy(), 5, shots, 6)
-    x = features.numpy()
-    for i, score in enumerate(scores):
+def test_task_classes_are_drawn_in_first_seen_order_as_the_original():
+    features, labels = split_features(n_classes=10, per_class=12)
+    labels = scrambled_ids(labels)
+    assert list(dict.fromkeys(labels.tolist())) != sorted(set(labels.tolist()))
+    sampler = TaskSampler(labels.numpy(), 5, 1, 5)
+    assert sampler.classes.tolist() == list(dict.fromkeys(labels.tolist()))
+    drawn = [labels[sampler.task(i)[0]].tolist() for i in range(20)]
+    # The original's draw: np.random.seed(i), then choice over list(label_to_index).
+    expected, by_sorted_ids = [], []
+    for i in range(20):
+        np.random.seed(i)
+        expected.append(np.random.choice(list(dict.fromkeys(labels.tolist())), 5, replace=False).tolist())
+        by_sorted_ids.append(np.random.RandomState(i).choice(np.unique(labels.numpy()), 5, replace=False).tolist())
+    assert drawn == expected and drawn != by_sorted_ids  # sorted ids would give other tasks
+    scores, interval = original_meta_test(features, labels, 5, 1, 5, n_tasks=20)
+    assert np.array_equal(task_accuracies(features, labels, 5, 1, 5, n_tasks=20), scores)
+    assert evaluate_splits({"s": (features, labels)}, 5, [1], 5, 20)[1]["s"] == interval
+
+
+def float32_sensitive_features():
+    """Rectified Gaussian classes in 128-d on which scikit-learn's float32 solve changes a 1-shot prediction of
+    one of the first 8 tasks (its float32 tolerance stops early), found by search."""
+    g = torch.Generator().manual_seed(38)
+    labels = torch.arange(10).repeat_interleave(30)
+    features = torch.randn(10, 128, generator=g)[labels] + 2 * torch.randn(len(labels), 128, generator=g)
+    return F.normalize(features.relu(), dim=1), labels
+
+
+def test_results_equal_the_original_procedure_on_the_same_features():
+    features, labels = float32_sensitive_features()
+    scores, interval = original_meta_test(features, labels, 5, 1, 15, n_tasks=8)
+    assert np.array_equal(task_accuracies(features, labels, 5, 1, 15, n_tasks=8), scores)
+    other, other_labels = split_features(seed=4)
+    results = evaluate_splits({"a": (features, labels), "b": (other, other_labels)}, 5, [1, 5], 15, n_tasks=8)
+    assert results[1]["a"] == interval  # exactly: the same accuracies, mean and interval
+    for shots in (1, 5):
+        a, b = original_meta_test(features, labels, 5, shots, 15, 8), original_meta_test(other, other_labels, 5,
+                                                                                         shots, 15, 8)
+        assert results[shots]["b"] == b[1]
+        together = np.concatenate([a[0], b[0]])
+        assert results[shots]["overall"] == (together.mean(), scipy.stats.sem(together)
+                                             * scipy.stats.t.ppf(0.975, len(together) - 1))
+    # The data is sensitive: a float32 fit (scikit-learn then solves in float32) gets another accuracy.
+    sampler, x32 = TaskSampler(labels.numpy(), 5, 1, 15), features.numpy()
+    float32_scores = []
+    for i in range(8):
         support, support_y, query, query_y = sampler.task(i)
-        clf = LogisticRegression(C=0.5, solver="lbfgs", max_iter=1000, fit_intercept=use_bias).fit(x[support],
-                                                                                                 support_y)
-        assert score == clf.score(x[query], query_y)
+        clf = LogisticRegression(C=1.0, solver="lbfgs", max_iter=1000).fit(x32[support], support_y)
+        float32_scores.append(np.mean(clf.predict(x32[query]) == query_y))
+    assert not np.array_equal(float32_scores, scores), "the float32 fit no longer differs here: pick other data"
+
+
+@pytest.mark.parametrize("shots,C,use_bias", [(1, 1.0, True), (5, 0.5, False)])
+def test_accuracies_equal_the_original_procedure(shots, C, use_bias):
+    features, labels = split_features()
+    scores, _ = original_meta_test(features, labels, 5, shots, 6, n_tasks=4, C=C, use_bias=use_bias)
+    assert np.array_equal(task_accuracies(features, labels, 5, shots, 6, n_tasks=4, C=C, use_bias=use_bias), scores)
+
+
+def test_logistic_regression_is_fitted_on_float64(monkeypatch):
+    seen = []
+
+    class Recording(LogisticRegression):
+        def fit(self, X, y, sample_weight=None):
+            seen.append(X.dtype)
+            return super().fit(X, y, sample_weight)
+
+    monkeypatch.setattr("methods.fewshot_eval.LogisticRegression", Recording)
+    features, labels = split_features()
+    task_accuracies(features.float(), labels, 5, 1, 5, n_tasks=3)
+    assert seen == [np.float64] * 3
 
 
 def test_parallel_tasks_give_identical_results():
@@ -110,3 +209,35 @@ def test_extract_features_in_eval_mode_without_autograd():
     model.scale.data.fill_(float("nan"))
     with pytest.raises(UserError, match="NaN"):
         extract_features(model, loader, "cpu")
+
+
+def test_features_are_float32_even_inside_bf16_autocast():
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8)
+    images = torch.randn(10, 16)
+    loader = [(images[i:i + 5], torch.arange(i, i + 5)) for i in (0, 5)]
+    with torch.no_grad():
+        exact = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rounded = model(images).float()
+    assert not torch.equal(rounded, exact)  # autocast would change them
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # e.g. a validation called from a bf16 training step
+        features, _ = extract_features(model, loader, "cpu", normalize=False)
+    assert features.dtype == torch.float32 and torch.equal(features, exact)
+
+
+def test_gathered_features_ignore_the_runs_precision():
+    # The session of a precision=bf16 run: its autocast is not used for the features.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    flat = FlatDataset(np.random.default_rng(0).integers(0, 256, (7, 2, 2, 3), dtype=np.uint8), np.arange(7) % 3,
+                       ImageTransform(mean=(0.5,) * 3, std=(0.25,) * 3))
+    session = SimpleNamespace(
+        device=torch.device("cpu"), world_size=1, progress=lambda iterable, desc: iterable,
+        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        loader=lambda dataset, batch_size, shuffle: torch.utils.data.DataLoader(dataset, batch_size, shuffle=shuffle))
+    with session.autocast():
+        features, labels = gathered_features(model, flat, session, normalize=False)
+    images, expected_labels = flat.load(np.arange(7))
+    with torch.no_grad():
+        assert torch.equal(features, model(images)) and torch.equal(labels, expected_labels)

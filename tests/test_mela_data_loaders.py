@@ -146,7 +146,7 @@ def test_supervised_h_aircraft_falls_back_to_the_original_three_column_file(data
 
 def test_custom_reads_miniimagenet_pickles_or_image_folders(data_dir, tmp_path):
     write_mini_imagenet(tmp_path / "mine", CLASSES, PER_CLASS)
-    flat = load_split(dataset_config("custom", path=str(tmp_path / "mine")), "test")[0].flat
+    flat = load_split(dataset_config("custom", path=str(tmp_path / "mine"), image_size=SIZE), "test")[0].flat
     assert flat.n_cls == CLASSES["test"] and flat.images.shape[1:] == (SIZE, SIZE, 3)
 
     rng = np.random.default_rng(0)
@@ -163,8 +163,9 @@ def test_custom_reads_miniimagenet_pickles_or_image_folders(data_dir, tmp_path):
     (tmp_path / "folders" / "val" / "gnu" / "0.png").write_bytes(b"not a picture")
     with pytest.raises(UserError, match=r"gnu/0\.png is not a readable image"):
         load_split(cfg, "val")
-    with pytest.raises(UserError, match="holds neither miniImageNet_category_split_val.pickle nor a folder val"):
-        load_split(dataset_config("custom", path=str(tmp_path / "empty")), "val")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"dataset.test_file=test: nothing under .*empty \(test/, test.npz"):
+        load_split(dataset_config("custom", path=str(tmp_path / "empty")), "test")
 
 
 def test_synthetic_is_generated_once_and_again_for_other_settings(data_dir):

@@ -12,7 +12,7 @@ from methods.supervised import build_classifier, classification_loss, head_class
 from models import create_model
 from models.classifier import Classifier, MultiHeadClassifier
 from models.resfc import FrozenBackboneHead, ResFC
-from models.resnet import DropBlock
+from models.resnet import DropBlock, dropblock_mask, dropblock_schedules_paused
 
 
 def block_regularisers(model):
@@ -158,3 +158,102 @@ def test_supervised_epoch_learns_separable_labels():
         last = supervised_train_epoch(model, batches, optimizer, session)
     assert set(first) == {"train/loss", "train/acc", "train/skipped_steps"}
     assert last["train/loss"] < first["train/loss"] and last["train/skipped_steps"] == 0
+
+
+def original_mask_by_loops(seeds: torch.Tensor, size: int) -> torch.Tensor:
+    """The original code's mask construction, step by step: the seed list (row-major) tiled size^2 times is
+    paired entry by entry with the list of square offsets (row-major) tiled once per seed; every pair, and every
+    seed at its padded position, is dropped."""
+    n, c, valid_h, valid_w = seeds.shape
+    dropped = torch.zeros(n, c, valid_h + size - 1, valid_w + size - 1)
+    seed_list = [(b, ch, i, j) for b in range(n) for ch in range(c) for i in range(valid_h) for j in range(valid_w)
+                 if seeds[b, ch, i, j]]
+    offsets = [(di, dj) for di in range(size) for dj in range(size)]
+    for (b, ch, i, j), (di, dj) in zip(seed_list * size**2, offsets * len(seed_list)):
+        dropped[b, ch, i + di, j + dj] = 1
+    for b, ch, i, j in seed_list:
+        dropped[b, ch, i + (size - 1) // 2, j + (size - 1) // 2] = 1
+    return 1 - dropped
+
+
+def squares_by_loops(seeds: torch.Tensor, size: int) -> torch.Tensor:
+    """Whole blocks: every seed at (i, j) drops rows i..i+size-1, columns j..j+size-1."""
+    n, c, valid_h, valid_w = seeds.shape
+    dropped = torch.zeros(n, c, valid_h + size - 1, valid_w + size - 1)
+    for b, ch, i, j in seeds.nonzero().tolist():
+        dropped[b, ch, i:i + size, j:j + size] = 1
+    return 1 - dropped
+
+
+def seeds_with(count: int, shape=(2, 3, 8, 8), seed=0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    flat = torch.zeros(int(torch.tensor(shape).prod()))
+    flat[torch.randperm(len(flat), generator=generator)[:count]] = 1
+    return flat.reshape(shape)
+
+
+@pytest.mark.parametrize("count", [1, 3, 5, 7, 10, 24, 25, 30, 50])
+def test_reference_masks_are_the_original_construction_and_correct_masks_whole_blocks(count):
+    seeds = seeds_with(count)
+    reference = dropblock_mask(seeds, 5, "reference")
+    assert torch.equal(reference, original_mask_by_loops(seeds, 5))
+    correct = dropblock_mask(seeds, 5, "correct")
+    assert torch.equal(correct, squares_by_loops(seeds, 5))
+    # the original only differs when the number of seeds shares a factor with 25 (5 or 25 seeds, 10, 30, ...)
+    assert torch.equal(reference, correct) == (count % 5 != 0)
+
+
+def test_reference_masks_drop_partial_blocks_for_a_multiple_of_five_seeds():
+    """Five seeds far apart: seed k gets the offsets k, k+5, ..., k+20, one column of the square, and its own
+    centre pixel; so 5 or 6 of its 25 pixels. 25 seeds: each gets one offset plus its centre."""
+    seeds = torch.zeros(1, 5, 9, 9)
+    seeds[:, :, 4, 4] = 1  # one seed per channel: no overlaps
+    dropped = 1 - dropblock_mask(seeds, 5, "reference")
+    for k in range(5):
+        column = k % 5
+        expected = torch.zeros(13, 13)
+        expected[4:9, 4 + column] = 1
+        expected[6, 6] = 1
+        assert torch.equal(dropped[0, k], expected), k
+    assert (1 - dropblock_mask(seeds, 5, "correct")).sum() == 5 * 25
+
+
+def test_dropblock_mode_reaches_every_dropblock_and_is_validated():
+    model = create_model("resnet18", width_mult=0.125, dropblock="reference")
+    assert [m.construction for m in model.modules() if isinstance(m, DropBlock)] == ["reference"] * 2
+    assert all(m.construction == "correct" for m in create_model("resnet12").modules() if isinstance(m, DropBlock))
+    with pytest.raises(UserError, match="model.dropblock=partial is not a DropBlock mask: choose correct"):
+        create_model("resnet12", dropblock="partial")
+
+
+def test_reference_dropblock_drops_less_on_average():
+    """At the schedule's end (keep 0.9) on a 10x10 map (ResNet-12's stage 3 at 84x84): whole blocks drop about
+    the scheduled share minus overlaps; the original's masks less, as a fifth of the forwards drop partial
+    blocks."""
+    x = torch.ones(8, 32, 10, 10)
+    shares = {}
+    for construction in ("correct", "reference"):
+        torch.manual_seed(0)
+        block = DropBlock(0.1, 5, construction).train()
+        block.steps.fill_(40000)
+        shares[construction] = sum((block(x) == 0).float().mean().item() for _ in range(200)) / 200
+    assert 0.08 < shares["correct"] < 0.1
+    assert shares["reference"] < shares["correct"] - 0.01
+
+
+def test_paused_schedules_leave_the_counters():
+    model = create_model("resnet12", width_mult=0.125).train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x)
+    with dropblock_schedules_paused(model):
+        model(x)
+    model(x)
+    assert [int(m.steps) for m in model.modules() if isinstance(m, DropBlock)] == [2, 2]
+    assert all(m.counting for m in model.modules() if isinstance(m, DropBlock))
+
+
+def test_vgg16_takes_32_pixel_images_only():
+    model = create_model("vgg16", width_mult=0.125)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 64)
+    with pytest.raises(UserError, match="VGG-16 takes images of 32x32 pixels .* got 84x84: resize the images"):
+        model(torch.randn(1, 3, 84, 84))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import one_line_error, run_script
-from engine.metrics import NOT_COMPARED, read_metrics
+from engine.metrics import read_metrics
 
 TINY = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_workers=0", "progress=false",
         "test_db_size=10"]
@@ -84,25 +84,6 @@ def test_meta_eval_prints_and_writes_intervals(chain):
             assert 0 <= overall["mean"] <= 1 and overall["ci95"] >= 0
         assert "1-shot" in result.stderr and "5-shot" in result.stderr and "+-" in result.stderr
         assert (root / f"eval_{name}" / "results.csv").read_text().startswith("shots,sub_dataset,mean,ci95")
-
-
-def test_resumed_meta_learning_equals_an_uninterrupted_run(tmp_path, workspace):
-    common = [*TINY, "lr_decay_epochs=[0]"]
-    assert run_script("learn_meta_repr.py", *common, "epochs=2", "name=a", cwd=tmp_path,
-                      workspace=workspace).returncode == 0
-    assert run_script("learn_meta_repr.py", *common, "epochs=1", "name=b", cwd=tmp_path,
-                      workspace=workspace).returncode == 0
-    resumed = run_script("learn_meta_repr.py", *common, "epochs=2", "name=b", "resume=true", cwd=tmp_path,
-                         workspace=workspace)
-    assert resumed.returncode == 0, resumed.stderr
-    rows = {}
-    for name in ("a", "b"):
-        [csv] = sorted((tmp_path / "logs" / "learn_meta_repr" / name).glob("*/metrics.csv"))[-1:]
-        rows[name] = [{k: v for k, v in row.items() if k not in NOT_COMPARED} for row in read_metrics(csv)]
-    assert len(rows["a"]) == 2 and rows["a"] == rows["b"]
-    states = [torch.load(saves(workspace, n) / "last.pt", weights_only=True)["state"]["model"] for n in "ab"]
-    for key, value in states[0].items():
-        assert torch.equal(value, states[1][key]), key  # DropBlock's schedule counter included
 
 
 @pytest.mark.parametrize("script, overrides, message", [

@@ -84,3 +84,12 @@ def test_missing_html_and_truncated_files_name_the_path_and_target(tmp_path):
     with pytest.raises(UserError, match=r"cut\.pkl is truncated or not a pickle") as err:
         load_pickle(tmp_path / "cut.pkl")
     assert "\n" not in str(err.value)
+
+
+def test_web_pages_with_a_byte_order_mark_or_leading_comments_are_recognised():
+    from dataset.safe_pickle import looks_like_html
+
+    assert looks_like_html(b"\xef\xbb\xbf<!DOCTYPE html><html>")
+    assert looks_like_html(b"<!-- served by x --> \n<!-- again --><html lang=en>")
+    assert not looks_like_html(b"\x80\x04\x95<html")  # a pickle that merely contains the text
+    assert not looks_like_html(b"<!-- unterminated")

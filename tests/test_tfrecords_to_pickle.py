@@ -70,7 +70,7 @@ def test_aircraft_converts_from_any_directory_into_every_layout(data_dir, tmp_pa
     distinct = {level: [len(np.unique(sub.flat.labels)) for split in ("train", "val", "test")
                         for sub in load_split(dataset_config("h_aircraft", levels=[level]), split)]
                 for level in ("variant", "family", "maker")}
-    assert distinct == {"variant": [70, 15, 15], "family": [52, 15, 14], "maker": [26, 11, 10]}  # spec §3
+    assert distinct == {"variant": [70, 15, 15], "family": [52, 15, 14], "maker": [26, 11, 10]}  # the counts of the original archives
     assert load_supervised_set(dataset_config("h_aircraft"), "train").labels.shape == (140, 3)
 
 

@@ -1,31 +1,29 @@
-"""Readers of the original on-disk layouts (spec §3): each gives images [N, H, W, 3] uint8 and their labels.
+"""Readers of the original on-disk layouts: each gives images [N, H, W, 3] uint8 and their labels.
 
 Large arrays are memory-mapped rather than read: the npy files, and the images of an npz archive whose members
 are stored uncompressed (as numpy's `savez` writes them). Every unreadable file is a one-line `UserError` that
 names the path and, where one provides it, the make target.
 """
-import os
+import math
 import struct
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+import zlib
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
 from dataset.safe_pickle import load_pickle, make_hint, require_file
 from engine.errors import UserError
 
 SPLITS = ("train", "val", "test")
-# The RFS/MetaOptNet miniImageNet file of each split (spec §3).
+# The RFS/MetaOptNet miniImageNet file of each split.
 MINI_IMAGENET_FILES = {
     "train": "miniImageNet_category_split_train_phase_train.pickle",
     "val": "miniImageNet_category_split_val.pickle",
     "test": "miniImageNet_category_split_test.pickle",
 }
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
+NUMERIC_KINDS = "biufc"  # numpy dtype kinds: bool, signed and unsigned integers, floats, complex
+NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
 
@@ -66,61 +64,43 @@ def read_npy(path: Path, make_target: str | None, memory_map: bool = True) -> np
 
 
 def read_npz_array(path: Path, key: str, make_target: str | None) -> np.ndarray:
-    """Member `key` of an .npz archive, memory-mapped when stored uncompressed (no multi-GB copy in RAM)."""
+    """Member `key` of an .npz archive, memory-mapped when stored uncompressed (no multi-GB copy in RAM). The dtype
+    and size come from the member's .npy header first: object (pickled) and other non-numeric arrays are refused,
+    and so is a member holding other than the bytes its header announces."""
     require_file(path, make_target)
+    hint = make_hint(make_target)
     try:
         with zipfile.ZipFile(path) as archive:
             info = archive.getinfo(f"{key}.npy")
-        if info.compress_type == zipfile.ZIP_STORED:
-            mapped = _memory_map_member(path, info)
-            if mapped is not None:
-                return mapped
-        with np.load(path, allow_pickle=False) as archive:  # compressed: it has to be read
-            return archive[key]
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                if version not in NPY_HEADER_READERS:  # 3.0 only serves structured dtypes with unicode field names
+                    raise UserError(f"{path}: array '{key}' has a .npy header of version {version}, which holds no "
+                                    f"plain numeric array: write the images as a uint8 array{hint}")
+                shape, fortran_order, dtype = NPY_HEADER_READERS[version](member)
+                header_size = member.tell()
+            if dtype.hasobject or dtype.kind not in NUMERIC_KINDS:
+                raise UserError(f"{path}: array '{key}' has the non-numeric dtype {dtype}, refused (an object array "
+                                f"is a pickle, which can run code): write the images as a uint8 array{hint}")
+            announced = header_size + math.prod(shape) * dtype.itemsize
+            if info.file_size != announced:
+                raise UserError(f"{path}: array '{key}' holds {info.file_size} bytes where its header announces "
+                                f"{announced}: the file is damaged; download it again{hint}")
+            if info.compress_type == zipfile.ZIP_STORED:
+                return np.memmap(path, dtype=dtype, mode="r", offset=_member_data_offset(path, info) + header_size,
+                                 shape=shape, order="F" if fortran_order else "C")
+            with archive.open(info) as member:  # compressed: it has to be read
+                return np.lib.format.read_array(member, allow_pickle=False)
     except KeyError:
-        raise UserError(f"{path} has no array '{key}'{make_hint(make_target)}") from None
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise UserError(f"{path} is truncated or not an .npz file ({exc}){make_hint(make_target)}") from None
+        raise UserError(f"{path} has no array '{key}'{hint}") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error) as exc:
+        raise UserError(f"{path} is truncated or not an .npz file ({exc}){hint}") from None
 
 
-def _memory_map_member(path: Path, info: zipfile.ZipInfo) -> np.ndarray | None:
-    header_readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+def _member_data_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where the bytes of an uncompressed zip member start: after its local header (30 fixed bytes, then the file
+    name and an extra field, whose lengths may differ from those in the central directory)."""
     with open(path, "rb") as handle:
-        # The member's bytes follow its local header: 30 fixed bytes, then the file name and an extra field.
         handle.seek(info.header_offset + 26)
         name_length, extra_length = struct.unpack("<HH", handle.read(4))
-        handle.seek(info.header_offset + 30 + name_length + extra_length)
-        version = np.lib.format.read_magic(handle)
-        if version not in header_readers:
-            return None
-        shape, fortran_order, dtype = header_readers[version](handle)
-        offset = handle.tell()
-    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran_order else "C")
-
-
-def _decode(path: Path, size: int) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"{path} is not a readable image ({exc}): remove it or replace it") from None
-
-
-def read_image_folders(split_dir: Path, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """`split_dir/<class>/<image>`: every image resized to image_size x image_size; classes numbered in name order."""
-    class_dirs = sorted(entry for entry in split_dir.iterdir() if entry.is_dir())
-    if not class_dirs:
-        raise UserError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image files>")
-    files, labels = [], []
-    for label, class_dir in enumerate(class_dirs):
-        found = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        if not found:
-            raise UserError(f"{class_dir} holds no images ({', '.join(IMAGE_SUFFIXES)} files): add some or remove it")
-        files += found
-        labels += [label] * len(found)
-    images = np.empty((len(files), image_size, image_size, 3), np.uint8)
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # Pillow decodes without holding the GIL
-        decoded = pool.map(partial(_decode, size=image_size), files)
-        for i, image in enumerate(tqdm(decoded, total=len(files), desc=f"decoding {split_dir}", disable=None)):
-            images[i] = image
-    return images, np.array(labels, dtype=np.int64)
+    return info.header_offset + 30 + name_length + extra_length

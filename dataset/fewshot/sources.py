@@ -1,11 +1,14 @@
-"""`dataset=<name>` -> the sub-datasets of one split, read from the layout its config names (spec §3).
+"""`dataset=<name>` -> the sub-datasets of one split, read from the layout its config names.
 
 Keys of a MeLa dataset config (config/dataset/<name>.yaml): `source` picks a reader below; `path` is where the
 files are (`alternative_paths`: other directory names the same files may have); `make_target` is the make
 command that provides them; `mean`, `std`, `crop_padding`, `hflip` set the transform. Per source: `domains`
-(meta-dataset pickles), `levels` (aircraft levels), `image_size` (custom image folders, digits), `class_split`
-(digits), `generate` (synthetic_fs).
+(meta-dataset pickles), `levels` (aircraft levels), `image_size` (custom, digits), `class_split` (digits),
+`generate` (synthetic_fs), `train_file` / `val_file` / `test_file` / `val_classes` (custom). Any dataset may add
+the subset keys `classes`, `per_class`, `seed` (`+dataset.classes=10`: custom lists them; see
+dataset/own_data.py). `check_config(cfg.dataset)` checks these keys before a run starts.
 """
+import logging
 from pathlib import Path
 from typing import NamedTuple
 
@@ -15,12 +18,17 @@ from omegaconf import OmegaConf
 from torchvision.transforms.v2 import functional as TF
 
 from dataset.fewshot.flat import FlatDataset
-from dataset.fewshot.layouts import (MINI_IMAGENET_FILES, SPLITS, checked, read_image_folders, read_npy,
-                                     read_npz_array, read_pickled_arrays)
+from dataset.fewshot.layouts import (MINI_IMAGENET_FILES, SPLITS, checked, read_npy, read_npz_array,
+                                     read_pickled_arrays)
 from dataset.fewshot.synthetic import ensure_synthetic_fewshot
 from dataset.fewshot.transforms import transform_from_config
+from dataset.own_data import (ARRAY_SUFFIXES, CARVE_STREAM, CLASSES_STREAM, PER_CLASS_STREAM, cap_per_class,
+                              check_per_class_and_seed, choose_classes, find_split, fit_images, list_class_folders,
+                              read_arrays, renumber, shown, subset_rng, take)
 from dataset.safe_pickle import load_pickle
 from engine.errors import UserError
+
+log = logging.getLogger("metalabel")
 
 # mini-60 / tiered-780 (written by the ximagenet generator) call the validation split "valid".
 XIMAGENET_SPLIT_NAMES = {"train": "train", "val": "valid", "test": "test"}
@@ -30,6 +38,8 @@ METADATASET_DOMAINS = {"aircraft": ("aircraft", "aircraft"), "cu_birds": ("cu_bi
 # H-aircraft: `aircraft_<level>_<split>.pkl` per level; the three-level file's columns are in this order.
 AIRCRAFT_LEVELS = ("variant", "family", "maker")
 TFRECORDS_FIX = "python dataset/tfrecords_to_pickle.py --dataset aircraft"
+# custom without a val split: the share of the training classes carved as val (when dataset.val_classes is null).
+CARVED_VAL_SHARE = 0.2
 
 
 class SubDataset(NamedTuple):
@@ -104,20 +114,76 @@ def _aircraft_levels(cfg, split):
             for level in _aircraft_level_names(cfg)]
 
 
+def _custom_file(cfg, directory: Path, split: str) -> Path | None:
+    """The file or folder `dataset.<split>_file` names; None for a val split to carve (`val_file` null, or the
+    default `val` absent). The default names also find miniImageNet's pickle of the split."""
+    key = f"{split}_file"
+    value = cfg.get(key)
+    if split == "val" and value is None:
+        return None
+    legacy = directory / MINI_IMAGENET_FILES[split] if value == split else None
+    path = find_split(directory, value, key, ARRAY_SUFFIXES, fallback=legacy, optional=split == value == "val")
+    if path is not None and not path.is_dir() and path.suffix.lower() not in ARRAY_SUFFIXES:
+        raise UserError(f"dataset.{key}={path}: a {path.suffix or 'suffix-less'} file is not read; give a folder of "
+                        f"class folders or an {', '.join(ARRAY_SUFFIXES)} file")
+    return path
+
+
+def _read_custom(path: Path):
+    """(images or image files, labels [N] numbered 0..K-1, class names) of a folder of class folders or an array
+    file (its ids renumbered if they have gaps, logged; the names are the ids of the file)."""
+    if path.is_dir():
+        return list_class_folders(path)
+    images, labels = read_arrays(path)
+    if labels.shape[1] != 1:
+        raise UserError(f"{path}: 'labels' has {labels.shape[1]} columns; few-shot data needs one class id per image")
+    [labels], names = renumber([labels[:, 0]], None, f"{path}")
+    return images, labels, names
+
+
+def _val_classes(cfg) -> int | None:
+    count = cfg.get("val_classes")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 1):
+        raise UserError(f"dataset.val_classes={count}: give a number of classes (at least 1) or null (20% of the "
+                        f"training classes)")
+    return count
+
+
+def _carved_val_classes(cfg, labels: np.ndarray, names: list[str], source: Path) -> np.ndarray:
+    """The training classes a carved val split takes: `dataset.val_classes` of them (null: 20%, rounded, at least
+    one), drawn with `dataset.seed`."""
+    ids = np.unique(labels)
+    count = _val_classes(cfg)
+    if count is None:
+        count = max(1, round(CARVED_VAL_SHARE * len(ids)))
+    if len(ids) < 2 or count >= len(ids):
+        raise UserError(f"dataset.val_classes={cfg.get('val_classes')}: carving a val split from the {len(ids)} "
+                        f"classes of {source} needs 1 to {len(ids) - 1} of them; add a val split (dataset.val_file)")
+    carved = np.sort(subset_rng(cfg.get("seed", 0), CARVE_STREAM).choice(ids, count, replace=False))
+    log.info(f"dataset {cfg.name}: no val split (dataset.val_file={cfg.get('val_file')}): {count} of the {len(ids)} "
+             f"training classes of {source} form it (dataset.val_classes, drawn with dataset.seed="
+             f"{cfg.get('seed', 0)}), {len(ids) - count} stay for training; val classes: "
+             f"{shown(names[i] for i in carved)}")
+    return carved
+
+
 def _custom(cfg, split):
     directory = _directory(cfg)
-    if (directory / MINI_IMAGENET_FILES[split]).is_file():
-        return _mini_imagenet_pickles(cfg, split)
-    if (directory / split).is_dir():
-        return [(cfg.name, *read_image_folders(directory / split, int(cfg.image_size)))]
-    raise UserError(f"dataset.path={directory} holds neither {MINI_IMAGENET_FILES[split]} nor a folder "
-                    f"{split}/<class>/<images>: see the README's dataset=custom")
+    val_file = _custom_file(cfg, directory, "val")
+    if split == "test" or val_file is not None:
+        path = val_file if split == "val" else _custom_file(cfg, directory, split)
+        return [(cfg.name, *_read_custom(path))]
+    train_file = _custom_file(cfg, directory, "train")
+    images, labels, names = _read_custom(train_file)
+    carved = np.isin(labels, _carved_val_classes(cfg, labels, names, train_file))
+    rows = np.flatnonzero(carved if split == "val" else ~carved)
+    return [(cfg.name, take(images, rows), labels[rows], names)]
 
 
 def _synthetic(cfg, split):
     generate = cfg.generate
     ensure_synthetic_fewshot(_directory(cfg), generate.classes, generate.images_per_class, generate.image_size,
-                             generate.seed)
+                             generate.seed, generate.get("kind", "patterns"))
     return _mini_imagenet_pickles(cfg, split)
 
 
@@ -159,11 +225,71 @@ def _check(cfg, split: str) -> None:
         raise UserError(f"split '{split}' is not one of {', '.join(SPLITS)}")
     if cfg.source not in _READERS:
         raise UserError(f"dataset={cfg.name}: unknown source '{cfg.source}' (one of {', '.join(_READERS)})")
+    _check_subset_keys(cfg)
+
+
+def _split_classes(cfg, split: str):
+    """The `dataset.classes` entry of a split: a count for every split, or a {split: count | list} mapping."""
+    spec = cfg.get("classes")
+    spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+    return spec.get(split) if isinstance(spec, dict) else spec
+
+
+def _check_subset_keys(cfg) -> None:
+    spec = cfg.get("classes")
+    spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+    entries = spec.values() if isinstance(spec, dict) else [spec]
+    if isinstance(spec, list) or (isinstance(spec, dict) and not set(spec) <= set(SPLITS)) or any(
+            isinstance(e, bool) or not (e is None or isinstance(e, (int, list))) or e == [] or (
+                isinstance(e, int) and e < 1) for e in entries):
+        raise UserError(f"dataset.classes={spec}: give a number of classes per split, or per split a number or a "
+                        f"list of class names/ids, e.g. dataset.classes={{train:[cat,dog,emu],val:2}}")
+    check_per_class_and_seed(cfg)
+
+
+def _finish(cfg, split: str, name: str, images, labels: np.ndarray, class_names: list[str] | None = None):
+    """A sub-dataset as it is used: the subset keys applied (classes of the first label column), ids 0..K-1
+    where the data is the user's own or a subset (renumbered quietly: the user's own gaps were logged when read),
+    every image `dataset.image_size` where the config has one."""
+    where = f"dataset {name}/{split}"
+    seed, spec = cfg.get("seed", 0), _split_classes(cfg, split)
+    classes = labels if labels.ndim == 1 else labels[:, 0]
+    rows = None
+    if spec is not None:
+        ids = np.unique(classes)
+        names = class_names or [str(i) for i in range(int(ids[-1]) + 1)]
+        kept = choose_classes(ids, spec, names, subset_rng(seed, CLASSES_STREAM, split), "dataset.classes", where)
+        rows = np.flatnonzero(np.isin(classes, kept))
+    capped = cap_per_class(classes if rows is None else classes[rows], cfg.get("per_class"),
+                           subset_rng(seed, PER_CLASS_STREAM, split), where)
+    if capped is not None:
+        rows = capped if rows is None else rows[capped]
+    images, labels = take(images, rows), labels if rows is None else labels[rows]
+    if rows is not None or cfg.source == "custom":
+        columns = [labels] if labels.ndim == 1 else list(labels.T)
+        columns = [renumber([column], class_names if j == 0 else None, where, report=False)[0][0]
+                   for j, column in enumerate(columns)]
+        labels = columns[0] if labels.ndim == 1 else np.stack(columns, axis=1)
+    if "image_size" in cfg:
+        images = fit_images(images, cfg.image_size, where)
+    return name, images, labels
 
 
 def _read(cfg, split: str):
     _check(cfg, split)
-    return _READERS[cfg.source](cfg, split)
+    return [_finish(cfg, split, *part) for part in _READERS[cfg.source](cfg, split)]
+
+
+def check_config(dataset_cfg) -> None:
+    """What the MeLa scripts check before a run's name is derived (nothing is read or written yet but file names):
+    the dataset has a MeLa view and a known source, the subset keys are valid, and `custom`'s folder and split
+    files exist (a val split to carve is fine)."""
+    _check(dataset_cfg, "train")
+    if dataset_cfg.source == "custom":
+        directory = _directory(dataset_cfg)
+        for split in SPLITS:
+            _custom_file(dataset_cfg, directory, split)
+        _val_classes(dataset_cfg)
 
 
 # ---- the API ----------------------------------------------------------------------------------------------------
@@ -203,7 +329,7 @@ def load_supervised_set(dataset_cfg, split: str, *, augment: bool = False, rotat
     transform = transform_from_config(dataset_cfg, augment)
     if dataset_cfg.source == "aircraft_levels":
         _check(dataset_cfg, split)
-        images, labels = _aircraft_hierarchy(dataset_cfg, split)
+        _, images, labels = _finish(dataset_cfg, split, dataset_cfg.name, *_aircraft_hierarchy(dataset_cfg, split))
     else:
         parts = _read(dataset_cfg, split)
         offsets = np.cumsum([0] + [int(part_labels.max() - part_labels.min()) + 1 for _, _, part_labels in parts])

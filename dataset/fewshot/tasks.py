@@ -1,4 +1,4 @@
-"""Meta-training tasks drawn from flat datasets (spec §4 with Decisions 2 and 9).
+"""Meta-training tasks drawn from flat datasets.
 
 A task is N classes (`n_ways`) with K support (`n_shots`) and Q query (`n_queries`) images each. Two shapes:
 - `few_shot`: `FewShotTask` (support/query images, local labels 0..N-1 as repeat(arange(N), K), indices);
@@ -11,8 +11,11 @@ Two samplers:
 - no replacement (GFSL): every class's images are shuffled and cut into chunks of K+Q; while N classes still
   have a chunk, a task takes the next chunk of N classes picked at random. Every image is used at most once per
   epoch (the per-class remainder and the chunks of the last < N classes go unused). The partition is drawn from
-  `seed`; with `fixed_db` it is the same every epoch, otherwise redrawn from (seed, epoch). `db_size`, if given,
-  caps the number of tasks per epoch.
+  `seed`; with `fixed_db` it is the same every epoch, otherwise redrawn from (seed, epoch). Every task of the
+  partition is used (the original's behaviour) unless `db_size` is given: then only its first `db_size` tasks.
+  The log says "using T of P tasks".
+`make_tasks` (what the scripts call with `train_db_size`) reads db_size=None as the whole partition with
+no_replacement, and as DEFAULT_RANDOM_TASKS (2800, the original's train_db_size) random tasks without it.
 Augmentation inside task i draws from (seed, epoch, i), not from the worker's RNG, so tasks are the same for
 any number of loader workers and a resumed run replays them exactly. Call `set_epoch(epoch)` before iterating
 each epoch (that is what makes non-fixed tasks and augmentation change between epochs).
@@ -33,6 +36,7 @@ from engine.errors import UserError
 log = logging.getLogger("metalabel")
 
 SHAPES = ("few_shot", "flat")
+DEFAULT_RANDOM_TASKS = 2800  # random tasks per sub-dataset when train_db_size is unset (the original's default)
 # Tags that keep the random streams of different purposes apart for the same (seed, epoch, index).
 _FIXED_TASK, _EPOCH_TASK, _AUGMENTATION, _PARTITION = range(4)
 
@@ -80,7 +84,12 @@ class TaskDataset(torch.utils.data.Dataset):
         self.members = [order[s:s + c] for s, c in zip(starts, counts)]  # item indices of each class
         self._check_buildable(counts)
         self._partition = None
+        self.partition_size = None  # P: the tasks of one no-replacement partition, before the db_size cap
         self.set_epoch(0)
+        if self.no_replacement:
+            capped = "" if self.db_size is None else f" (train_db_size={self.db_size})"
+            log.info(f"dataset {flat.name}: using {len(self)} of {self.partition_size} tasks of the no-replacement "
+                     f"partition per epoch{capped}")
 
     @property
     def per_class(self) -> int:
@@ -124,12 +133,8 @@ class TaskDataset(torch.utils.data.Dataset):
             task_indices.append(np.stack([chunks[c][len(chunks[c]) - left[c]] for c in picked]))
             left[picked] -= 1
         classes, indices = np.stack(task_classes), np.stack(task_indices)
-        if self.db_size is not None:
-            if self.db_size > len(classes):
-                log.info(f"dataset {self.flat.name}: db_size {self.db_size} is more than the {len(classes)} tasks "
-                         f"of one no-replacement pass; using {len(classes)}")
-            classes, indices = classes[:self.db_size], indices[:self.db_size]
-        return classes, indices
+        self.partition_size = len(classes)
+        return classes[:self.db_size], indices[:self.db_size]  # [:None] keeps them all
 
     def __len__(self) -> int:
         return len(self._partition[0]) if self.no_replacement else self.db_size
@@ -191,7 +196,12 @@ class TaskMixture(torch.utils.data.ConcatDataset):
 def make_tasks(subsets, *, n_ways: int, n_shots: int, n_queries: int, shape: str = "few_shot",
                no_replacement: bool = True, fixed_db: bool = True, db_size: int | None = None,
                seed: int = 0) -> TaskMixture:
-    """Tasks over every sub-dataset of a split (`load_split`'s list); `db_size` counts tasks per sub-dataset."""
+    """Tasks over every sub-dataset of a split (`load_split`'s list); `db_size` counts tasks per sub-dataset:
+    with no_replacement a cap (None: every task of the partition), without it the number of random tasks (None:
+    DEFAULT_RANDOM_TASKS)."""
+    if db_size is None and not no_replacement:
+        db_size = DEFAULT_RANDOM_TASKS
+        log.info(f"train_db_size unset: {db_size} random tasks per sub-dataset (the original's default)")
     return TaskMixture({
         sub.name: TaskDataset(sub.flat, n_ways=n_ways, n_shots=n_shots, n_queries=n_queries, shape=shape,
                               no_replacement=no_replacement, fixed_db=fixed_db, db_size=db_size, seed=seed,

@@ -1,6 +1,6 @@
 """Batched image transforms: uint8 HWC images in, normalised float CHW tensors out.
 
-Augmentation (spec §3) is per image with torchvision's v2 transforms, so every image draws its own crop, jitter
+Augmentation (as the original's) is per image with torchvision's v2 transforms, so every image draws its own crop, jitter
 and flip: RandomCrop(image size, padding) and RandomHorizontalFlip on the uint8 tensor, then ColorJitter(0.4,
 0.4, 0.4) in float (cheaper than jittering uint8, which converts to float and back for each of the three
 adjustments). The original flipped after the jitter; a flip commutes with it, so the result is the same.
@@ -19,7 +19,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-JITTER = 0.4  # brightness, contrast and saturation strength of the spec's ColorJitter
+JITTER = 0.4  # brightness, contrast and saturation strength of the original's ColorJitter
 
 
 @dataclass(frozen=True)

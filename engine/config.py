@@ -1,0 +1,141 @@
+"""Run identity, in one place: settings are validated first, then the run's name is derived from them.
+
+A run's name is `<run_prefix>_s<seed>[_<hash>]`: the script's readable prefix, the seed, and a short stable hash of
+every other setting that differs from the script's defaults (for the chosen dataset and model) and that would change
+the result. Settings a run may change when it is continued (`RESUMABLE_CHANGES`: epochs, device, workers, progress,
+paths ...) are left out, so `epochs=N+1` extends a run instead of starting another. `name=...` replaces the whole
+derived name.
+"""
+import hashlib
+import json
+import logging
+import sys
+from functools import lru_cache
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from engine.errors import UserError
+
+log = logging.getLogger("metalabel")
+
+# Keys that may differ between an interrupted run and its continuation: they change neither the name nor the result.
+RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epochs", "progress", "device", "num_workers", "workspace",
+                               "data_dir", "checkpoint_dir", "compile", "threads", "checkpoint_every",
+                               "lock_stale_hours"})
+NOT_IN_HASH = RESUMABLE_CHANGES | {"name", "run_prefix", "seed", "hydra"}
+# Config groups whose choice is part of the readable prefix: defaults are taken for the chosen options.
+PREFIX_GROUPS = ("dataset", "model")
+HASH_LENGTH = 8
+
+
+UNRESOLVED = "???"  # a default without a value (e.g. hier_file's dataset.path)
+
+
+def leaves(cfg, skip=NOT_IN_HASH, prefix: str = "", strict: bool = True) -> dict:
+    """Every leaf of `cfg` as dotted key -> resolved plain value (lists kept whole), leaving out the top-level keys
+    in `skip`. A key that cannot be resolved is a UserError naming it (`strict`), else `UNRESOLVED`."""
+    flat = {}
+    for key in cfg.keys() if isinstance(cfg, DictConfig) else []:
+        dotted = f"{prefix}{key}"
+        if not prefix and key in skip:
+            continue
+        try:
+            value = cfg[key]
+        except Exception as exc:  # an interpolation to a missing key, a missing mandatory value
+            if not strict:
+                flat[dotted] = UNRESOLVED
+                continue
+            raise UserError(f"{dotted} cannot be resolved ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
+                            f"set it on the command line, e.g. {dotted}=...") from None
+        if isinstance(value, DictConfig):
+            flat |= leaves(value, skip, dotted + ".", strict)
+        elif isinstance(value, ListConfig):
+            flat[dotted] = OmegaConf.to_container(value, resolve=True)
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def settings_hash(current: dict, defaults: dict) -> str:
+    """A short hash of the settings that differ from the defaults ('' when none do)."""
+    changed = {k: current.get(k) for k in sorted(set(current) | set(defaults)) if current.get(k) != defaults.get(k)}
+    if not changed:
+        return ""
+    text = json.dumps(changed, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
+
+
+@lru_cache(maxsize=32)
+def _default_leaves(script: str, choices: tuple) -> dict:
+    overrides = [f"{group}={option}" for group, option in choices]
+    return leaves(_compose_plain(script, overrides), strict=False)
+
+
+def _compose_plain(script: str, overrides: list[str]) -> DictConfig:
+    """The script's config for `overrides`, composed inside or outside a running Hydra app."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=script, overrides=overrides)
+    from engine.entry import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name=script, overrides=overrides)
+
+
+def derive_name(cfg: DictConfig, script: str, choices: dict) -> str:
+    """`<run_prefix>_s<seed>[_<hash>]` for a validated config (see the module docstring)."""
+    defaults = _default_leaves(script, tuple((g, str(choices[g])) for g in PREFIX_GROUPS if choices.get(g)))
+    digest = settings_hash(leaves(cfg), defaults)
+    return f"{cfg.run_prefix}_s{cfg.seed}" + (f"_{digest}" if digest else "")
+
+
+def prepare(cfg: DictConfig, script: str, choices: dict) -> DictConfig:
+    """What every script does first: validate every setting, then fix `name` (derived unless given)."""
+    from engine.validation import validate
+
+    validate(cfg, script)
+    if OmegaConf.is_interpolation(cfg, "name"):
+        cfg.name = derive_name(cfg, script, choices)
+    return cfg
+
+
+def _hydra_view(root: DictConfig) -> tuple[DictConfig, str, dict]:
+    """The settings without Hydra's own node (whose keys use the name), the script and its group choices."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    settings = OmegaConf.masked_copy(root, [key for key in root if key != "hydra"])
+    return settings, hydra_cfg.job.config_name, dict(hydra_cfg.runtime.choices)
+
+
+def _run_name_resolver(*, _root_: DictConfig) -> str:
+    """`name: ${run_name:}` in a script's config: the derived name (settings validated by `checked_name`)."""
+    settings, script, choices = _hydra_view(_root_)
+    return derive_name(settings, script, choices)
+
+
+def _checked_name_resolver(*, _root_: DictConfig) -> str:
+    """`${checked_name:}` in Hydra's run and sweep directories: validates every setting, then gives the run's name
+    (derived or given). So a bad setting is reported as one line before Hydra creates any directory; in a sweep
+    the job's own `prepare` records it in the job's folder (named `invalid`) instead."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from engine.validation import validate
+
+    settings, script, _ = _hydra_view(_root_)
+    try:
+        validate(settings, script)
+        return str(settings.name)
+    except UserError as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            return "invalid"
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+for _name, _resolver in (("run_name", _run_name_resolver), ("checked_name", _checked_name_resolver)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _resolver)
