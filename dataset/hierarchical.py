@@ -199,7 +199,7 @@ def _subset(cfg, data: HierarchicalData, class_names: list[list[str]]) -> Hierar
     images = {"train": data.train_images, "test": data.test_images}
     if spec is not None:
         if cfg.get("primary_level") in (None, AUTO):
-            raise UserError(f"dataset.classes keeps classes of the primary level: set dataset.primary_level")
+            raise UserError("dataset.classes keeps classes of the primary level: set dataset.primary_level")
         column = data.level_column(cfg.primary_level, "dataset.primary_level")
         ids = np.unique(np.concatenate([labels[s][:, column] for s in SPLITS]))
         kept = choose_classes(ids, spec, class_names[column], subset_rng(seed, CLASSES_STREAM), "dataset.classes",

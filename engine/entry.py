@@ -16,8 +16,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
-import engine.config  # noqa: F401  (registers the run_name resolver)
-from engine.config import prepare
+from engine.config import prepare  # importing engine.config registers the run-name resolvers
 from engine.errors import RunInterrupted, UserError
 from engine.session import Session
 from engine.workspace import workspace_root

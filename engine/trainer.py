@@ -219,7 +219,7 @@ def fit(session, job: TrainingJob, epochs: int) -> dict:
         seed_everything(int(cfg.seed) + session.rank)  # ranks draw different dropout and augmentation
     writer = MetricsWriter(session.run_dir, history) if session.is_main else None
     every = float(cfg.checkpoint_every) * 60
-    run_began, epochs_timed, time_trained = time.perf_counter(), 0, 0.0
+    run_began = time.perf_counter()
     last_save = time.monotonic()
 
     def save(epoch_done, position_now=None, improved=()):
@@ -281,9 +281,9 @@ def fit(session, job: TrainingJob, epochs: int) -> dict:
                 best[name] = row[job.monitors[name]]
             if session.is_main:
                 writer.write(row)
-                epochs_timed, time_trained = epochs_timed + 1, time.perf_counter() - run_began
-                eta = time_trained / epochs_timed * (epochs - epoch - 1)
-                log.info(f"epoch {epoch + 1}/{epochs} ({_clock(time_trained)} elapsed, ETA {_clock(eta)}): "
+                elapsed = time.perf_counter() - run_began  # in this process: epochs start..epoch
+                eta = elapsed / (epoch - start + 1) * (epochs - epoch - 1)
+                log.info(f"epoch {epoch + 1}/{epochs} ({_clock(elapsed)} elapsed, ETA {_clock(eta)}): "
                          + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                      for k, v in row.items() if k != "epoch"))
             save(epoch, None, improved)
