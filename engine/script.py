@@ -12,8 +12,6 @@ class Script:
         declares that option's keys.
     checks: functions of the composed config run after every key has passed its rule; each raises a `UserError`
         (checks that need another layer: a dataset's files, the labeler's K against n_ways).
-    headline: the metric(s) a report shows by default (keys of summary.json or results.json; `{k}` is filled with
-        each of `val_n_shots`).
     lr_key: the key named when a loss diverges ("lower lr").
     writes_checkpoints: the script trains a run (resume, overwrite and the run lock apply).
     """
@@ -22,6 +20,5 @@ class Script:
     settings: type | None = None
     groups: dict[str, Callable] = field(default_factory=dict)
     checks: tuple[Callable, ...] = ()
-    headline: tuple[str, ...] = ()
     lr_key: str | None = None
     writes_checkpoints: bool = True
