@@ -1,5 +1,6 @@
-"""What a script hands the engine: `Script`. The engine knows no algorithm, dataset or model; everything it needs
-from one (the settings it declares, which metric is the headline, which key is the learning rate) comes from here."""
+"""What a script hands the engine: `Script`. The engine knows no algorithm, dataset or model: what it needs from
+a script (the settings it declares, which key is its learning rate) comes from here, and what it needs from a job
+(its headline metric, its count of skipped steps) from the `TrainingJob` it is handed."""
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
