@@ -2,36 +2,37 @@
 
 A run's name is `<run_prefix>_s<seed>[_<hash>]`: the script's readable prefix, the seed, and a short stable hash of
 every other setting that differs from the script's defaults (for the chosen dataset and model) and that would change
-the result. Settings a run may change when it is continued (`RESUMABLE_CHANGES`: epochs, device, workers, progress,
-paths ...) are left out, so `epochs=N+1` extends a run instead of starting another. `name=...` replaces the whole
-derived name.
+the result. Settings declared `neutral` (engine/settings.py: epochs, device, workers, progress, paths ...) are left out, so
+`epochs=N+1` extends a run instead of starting another; a continued run may change them. `name=...` replaces the
+whole derived name. The same selection is a run's identity wherever one is needed (`result_settings`): resume,
+the pipeline, the report.
 """
 import hashlib
 import json
 import logging
 import sys
 from functools import lru_cache
+from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from engine.errors import UserError
+from engine.script import Script
+from engine.settings import IDENTITY_KEYS, neutral_keys, validate
 
 log = logging.getLogger("metalabel")
 
-# Keys that may differ between an interrupted run and its continuation: they change neither the name nor the result.
-RESUMABLE_CHANGES = frozenset({"resume", "overwrite", "epochs", "progress", "device", "num_workers", "workspace",
-                               "data_dir", "checkpoint_dir", "compile", "threads", "checkpoint_every",
-                               "lock_stale_hours"})
-NOT_IN_HASH = RESUMABLE_CHANGES | {"name", "run_prefix", "seed", "hydra"}
 # Config groups whose choice is part of the readable prefix: defaults are taken for the chosen options.
 PREFIX_GROUPS = ("dataset", "model")
 HASH_LENGTH = 8
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
+SCRIPTS: dict[str, Script] = {}  # the scripts this process registered (engine.entry.register), by name
 
 
 UNRESOLVED = "???"  # a default without a value (e.g. hier_file's dataset.path)
 
 
-def leaves(cfg, skip=NOT_IN_HASH, prefix: str = "", strict: bool = True) -> dict:
+def leaves(cfg, skip=frozenset(), prefix: str = "", strict: bool = True) -> dict:
     """Every leaf of `cfg` as dotted key -> resolved plain value (lists kept whole), leaving out the top-level keys
     in `skip`. A key that cannot be resolved is a UserError naming it (`strict`), else `UNRESOLVED`."""
     flat = {}
@@ -65,10 +66,21 @@ def settings_hash(current: dict, defaults: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
 
 
+def unnamed_settings(script: Script) -> frozenset[str]:
+    """Top-level keys left out of a run's hash: the neutral ones, and those in the name by themselves."""
+    return neutral_keys(script.settings) | set(IDENTITY_KEYS) | {"hydra"}
+
+
+def result_settings(cfg, script: Script) -> dict:
+    """Every setting that can change a run's result but its seed, as dotted key -> value: what tells two runs of
+    `script` apart (resume compares it with the checkpoint's, the report groups runs by it)."""
+    return leaves(cfg, skip=unnamed_settings(script))
+
+
 @lru_cache(maxsize=32)
 def _default_leaves(script: str, choices: tuple) -> dict:
     overrides = [f"{group}={option}" for group, option in choices]
-    return leaves(_compose_plain(script, overrides), strict=False)
+    return leaves(_compose_plain(script, overrides), skip=unnamed_settings(SCRIPTS[script]), strict=False)
 
 
 def _compose_plain(script: str, overrides: list[str]) -> DictConfig:
@@ -78,36 +90,32 @@ def _compose_plain(script: str, overrides: list[str]) -> DictConfig:
 
     if GlobalHydra.instance().is_initialized():
         return compose(config_name=script, overrides=overrides)
-    from engine.entry import CONFIG_DIR
-
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return compose(config_name=script, overrides=overrides)
 
 
-def derive_name(cfg: DictConfig, script: str, choices: dict) -> str:
+def derive_name(cfg: DictConfig, script: Script, choices: dict) -> str:
     """`<run_prefix>_s<seed>[_<hash>]` for a validated config (see the module docstring)."""
-    defaults = _default_leaves(script, tuple((g, str(choices[g])) for g in PREFIX_GROUPS if choices.get(g)))
-    digest = settings_hash(leaves(cfg), defaults)
+    groups = tuple((g, str(choices[g])) for g in PREFIX_GROUPS if choices.get(g))
+    digest = settings_hash(result_settings(cfg, script), _default_leaves(script.name, groups))
     return f"{cfg.run_prefix}_s{cfg.seed}" + (f"_{digest}" if digest else "")
 
 
-def prepare(cfg: DictConfig, script: str, choices: dict) -> DictConfig:
+def validate_and_name(cfg: DictConfig, script: Script, choices: dict) -> DictConfig:
     """What every script does first: validate every setting, then fix `name` (derived unless given)."""
-    from engine.validation import validate
-
     validate(cfg, script)
     if OmegaConf.is_interpolation(cfg, "name"):
         cfg.name = derive_name(cfg, script, choices)
     return cfg
 
 
-def _hydra_view(root: DictConfig) -> tuple[DictConfig, str, dict]:
+def _hydra_view(root: DictConfig) -> tuple[DictConfig, Script, dict]:
     """The settings without Hydra's own node (whose keys use the name), the script and its group choices."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
     settings = OmegaConf.masked_copy(root, [key for key in root if key != "hydra"])
-    return settings, hydra_cfg.job.config_name, dict(hydra_cfg.runtime.choices)
+    return settings, SCRIPTS[hydra_cfg.job.config_name], dict(hydra_cfg.runtime.choices)
 
 
 def _run_name_resolver(*, _root_: DictConfig) -> str:
@@ -122,8 +130,6 @@ def _checked_name_resolver(*, _root_: DictConfig) -> str:
     the job's own `prepare` records it in the job's folder (named `invalid`) instead."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-
-    from engine.validation import validate
 
     settings, script, _ = _hydra_view(_root_)
     try:

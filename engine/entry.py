@@ -4,6 +4,7 @@ sweep then lists the failures and exits 1. An interrupted run (SIGTERM/SIGUSR1/S
 import functools
 import logging
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -11,20 +12,23 @@ from pathlib import Path
 
 import hydra
 import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from engine.config import prepare  # importing engine.config registers the run-name resolvers
+from engine.config import CONFIG_DIR, SCRIPTS, validate_and_name  # importing engine.config registers the run-name resolvers
 from engine.errors import RunInterrupted, UserError
+from engine.help import register_help
+from engine.script import Script
 from engine.session import Session
+from engine.settings import defaults
 from engine.workspace import workspace_root
 
 log = logging.getLogger("metalabel")
 ERROR_FILE = "error.txt"  # in the folder of a sweep's failed job
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 RUN_STAMP = "METALABEL_RUN_STAMP"
 
 if not OmegaConf.has_resolver("env_workspace"):
@@ -61,8 +65,6 @@ class SweepFailures(Callback):
     """At the start of a sweep: the launcher can run here. At its end: one line per failed job, exit status 1."""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        from engine.validation import check_launcher
-
         try:
             check_launcher(config.hydra)
         except UserError as err:
@@ -81,12 +83,33 @@ class SweepFailures(Callback):
             raise SystemExit(1)
 
 
-def hydra_main(config_name: str, writes_checkpoints: bool = True):
+def check_launcher(hydra_cfg: DictConfig) -> None:
+    """A sweep on SLURM needs SLURM's `sbatch`; without it submitit fails with a traceback."""
+    target = str(OmegaConf.select(hydra_cfg, "launcher._target_", default=""))
+    if not target.endswith("SlurmLauncher") or shutil.which("sbatch"):
+        return
+    choice = OmegaConf.select(hydra_cfg, "runtime.choices", default={}).get("hydra/launcher") or "slurm"
+    raise UserError(f"hydra/launcher={choice} needs SLURM's sbatch on PATH: run on a cluster login node, or drop "
+                    f"hydra/launcher=... to run locally")
+
+
+def register(script: Script) -> None:
+    """Give Hydra the script's declared defaults (`<name>_settings`, listed first in config/<name>.yaml) and its
+    generated --help, and the run-name resolvers the script."""
+    if SCRIPTS.get(script.name) is script:
+        return
+    SCRIPTS[script.name] = script
+    ConfigStore.instance().store(name=f"{script.name}_settings", node=defaults(script.settings))
+    register_help(script, CONFIG_DIR)
+
+
+def hydra_main(script: Script):
     """Decorate `main(cfg, session)`: Hydra composes the config, the engine validates it and opens a session around
-    the call. `writes_checkpoints`: the script trains a run (resume, overwrite and the run lock apply).
+    the call.
 
     A `UserError` anywhere becomes one line on stderr and exit status 1.
     """
+    register(script)
 
     def decorate(main):
         @functools.wraps(main)  # Hydra names the job (logs/<job>/...) after the script defining `main`
@@ -96,8 +119,8 @@ def hydra_main(config_name: str, writes_checkpoints: bool = True):
             run_dir = Path(hydra_cfg.runtime.output_dir)
             session = None
             try:
-                prepare(cfg, config_name, dict(hydra_cfg.runtime.choices))
-                session = Session(cfg, run_dir, config_name, writes_checkpoints)
+                validate_and_name(cfg, script, dict(hydra_cfg.runtime.choices))
+                session = Session(cfg, run_dir, script)
                 return main(cfg, session)
             except UserError as err:
                 log.error(f"error: {err}")  # console (stderr) and the run's log
@@ -116,7 +139,7 @@ def hydra_main(config_name: str, writes_checkpoints: bool = True):
                 if session is not None:
                     session.close()
 
-        run = hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base=None)(task)
+        run = hydra.main(config_path=CONFIG_DIR, config_name=script.name, version_base=None)(task)
 
         @functools.wraps(main)
         def entry():
@@ -128,14 +151,15 @@ def hydra_main(config_name: str, writes_checkpoints: bool = True):
     return decorate
 
 
-def compose(config_name: str, overrides: list[str]):
+def compose(script: Script, overrides: list[str]):
     """The config a script would get with these command-line overrides, validated and named, outside a Hydra run
     (tests, benches)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
+    register(script)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = hydra_compose(config_name, overrides=overrides, return_hydra_config=True)
-        prepare(cfg, config_name, dict(cfg.hydra.runtime.choices))
+        cfg = hydra_compose(script.name, overrides=overrides, return_hydra_config=True)
+        validate_and_name(cfg, script, dict(cfg.hydra.runtime.choices))
     with open_dict(cfg):
         del cfg["hydra"]
     return cfg

@@ -12,6 +12,7 @@ sem * t.ppf(0.975, n-1), per sub-dataset and over all tasks together.
 """
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import joblib
 import numpy as np
@@ -23,8 +24,34 @@ from sklearn.linear_model import LogisticRegression
 
 from engine.distributed import gather_objects, is_distributed
 from engine.errors import UserError
+from engine.settings import POSITIVE, POSITIVE_INT, Boolean, IntegerList, setting
 
 NORM_EPS = 1e-8
+
+
+@dataclass
+class EvaluationSettings:
+    """Few-shot evaluation: logistic regression on the features of a split's tasks."""
+
+    val_n_shots: list = setting([5], IntegerList(1, "[1,5]"), "support images per class of the evaluated tasks "
+                                "(best.pt follows the first; best_<k>shot.pt the others)")
+    test_db_size: int = setting(1000, POSITIVE_INT, "evaluation tasks per sub-dataset")
+    use_bias: bool = setting(True, Boolean(), "the logistic regression's intercept")
+    is_norm: bool = setting(True, Boolean(), "L2-normalised features")
+
+
+@dataclass
+class ClassifierSettings:
+    """The evaluation's logistic regression."""
+
+    test_C: float = setting(1.0, POSITIVE, "its inverse regularisation strength C")
+
+
+@dataclass
+class ValidationSettings:
+    """Validation of a training step on the val split."""
+
+    val_n_ways: int = setting(5, POSITIVE_INT, "classes per validation task")
 
 
 def extract_features(model: torch.nn.Module, loader, device: torch.device | str, progress=None,

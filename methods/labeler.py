@@ -32,8 +32,32 @@ from sklearn.metrics.cluster import contingency_matrix
 
 from engine.checkpoint import save_checkpoint
 from engine.errors import UserError
+from engine.settings import NON_NEGATIVE, POSITIVE_INT, AnyOf, Boolean, Null, Text, setting
 
 log = logging.getLogger("metalabel")
+
+
+def _positive_multiple_of_ways(cfg) -> str | None:
+    K, n_ways = cfg.K, cfg.n_ways
+    if K % n_ways:
+        nearest = max(n_ways, round(K / n_ways) * n_ways)
+        return f"K={K}: K must be a positive multiple of n_ways={n_ways} (e.g. K={nearest})"
+    return None
+
+
+@dataclass
+class LabelerSettings:
+    """The labeler (learn_labeler) and the training on its labels."""
+
+    pretrained_centroids: object = setting(None, AnyOf((Null("cluster the features"), Text("a centroids file"))),
+                                           "a centroids.pt (or the original's tensor file): skip clustering")
+    K: int = setting(400, POSITIVE_INT, "initial centroids (a multiple of n_ways)")
+    std_factor: float = setting(3.5, NON_NEGATIVE, "pruning: keep centroids with hits > mean - std_factor * "
+                                "binomial std")
+    sup_data_aug: bool = setting(True, Boolean(), "augmentation of the training on the inferred labels")
+    sup_rotate_aug: bool = setting(True, Boolean(), "x4 rotations, label + n_cls * rotation")
+
+    relations = (_positive_multiple_of_ways,)
 
 
 def stack_domains(features: list[torch.Tensor], tasks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
@@ -58,8 +82,6 @@ def class_means(features: torch.Tensor, tasks: torch.Tensor) -> torch.Tensor:
 def initial_centroids(keys: torch.Tensor, n_centroids: int) -> torch.Tensor:
     """The keys of the first n_centroids / N tasks, in order: [n_centroids, d]."""
     n_tasks, n_ways, dim = keys.shape
-    if n_centroids % n_ways:
-        raise UserError(f"K={n_centroids} centroids is not a multiple of n_ways={n_ways}: set K to a multiple of it")
     needed = n_centroids // n_ways
     if needed > n_tasks:
         raise UserError(f"K={n_centroids} centroids need {needed} tasks of {n_ways} classes to start from, but there "

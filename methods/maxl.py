@@ -20,10 +20,13 @@ from sklearn.metrics import normalized_mutual_info_score
 from sklearn.metrics.cluster import contingency_matrix
 from torch.func import functional_call, jvp
 
+from dataset.catalog import AUXILIARY_LEVEL, PRIMARY_LEVEL
 from dataset.hierarchical import HierarchicalData, ImageDataset, image_transform
 from engine.distributed import all_reduce_mean_, all_reduce_sum_, gather_shards, is_distributed
 from engine.errors import UserError
 from engine.metrics import MeanTracker
+from engine.settings import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, AnyOf, BatchSettings, EpochSettings, IntegerList,
+                             Null, OneOf, setting)
 from engine.trainer import Phase, TrainingJob
 from methods.losses import (at_least_float32, focal_loss, gradient_cosine, negative_entropy, sample_entropy,
                             soft_target_gradient)
@@ -35,6 +38,34 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", 
 
 METHODS = ("single", "human", "random", "maxl", "maxl_first_order")
 LABEL_LEARNING = ("maxl", "maxl_first_order")
+
+
+@dataclass
+class MaxlSettings(EpochSettings, BatchSettings):
+    """MAXL and its baselines (defaults: the original code's)."""
+
+    method: str = setting("maxl", OneOf(METHODS), "single | human | random | maxl | maxl_first_order")
+    primary_level: object = setting("${dataset.primary_level}", PRIMARY_LEVEL,
+                                    "the primary task's label level, named by its number of classes (CIFAR-100: "
+                                    "3, 10, 20, 100); default: the dataset's")
+    auxiliary_level: object = setting("${dataset.auxiliary_level}", AUXILIARY_LEVEL,
+                                      "the finer level that human uses and psi is derived from")
+    psi: object = setting(None, AnyOf((Null("derived from the hierarchy"), POSITIVE_INT,
+                                       IntegerList(1, "[5,5,...] (one count per primary class)", comma_text=False))),
+                          "auxiliary classes per primary class: null (from the hierarchy), K, or [k1, k2, ...]")
+    lr: float = setting(0.01, POSITIVE, "multi-task SGD (no momentum, no weight decay); also the virtual step's "
+                        "size")
+    lr_step: int = setting(50, POSITIVE_INT, "both learning rates are multiplied by lr_gamma every lr_step epochs")
+    lr_gamma: float = setting(0.5, POSITIVE, "the learning rates' decay factor")
+    gen_lr: float = setting(0.001, POSITIVE, "label generator SGD")
+    gen_weight_decay: float = setting(5e-4, NON_NEGATIVE, "label generator L2 weight decay")
+    entropy_weight: float = setting(0.2, NON_NEGATIVE, "weight of the batch-entropy regulariser on the generated "
+                                    "labels")
+    focal_gamma: float = setting(2.0, NON_NEGATIVE, "focal loss exponent (primary, auxiliary and meta losses)")
+    cossim_every: int = setting(50, POSITIVE_INT, "iterations between two gradient cosine-similarity (COSSIM) "
+                                "diagnostics")
+    fd_epsilon: float = setting(0.01, POSITIVE, "maxl_first_order: finite-difference step, divided by the "
+                                "gradient norm")
 
 
 # ---- the auxiliary task: psi and auxiliary targets ---------------------------------------------------------

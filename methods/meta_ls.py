@@ -13,15 +13,34 @@ same-class support/query pairs (the reference); positive_pairs="same_class" make
 Several tasks are batched along a leading axis T; the loss is the mean of the per-task losses. The algebra runs in
 float32 at least (float64 stays float64), also under autocast.
 """
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.errors import UserError
 from engine.metrics import MeanTracker
+from engine.settings import POSITIVE, POSITIVE_INT, Boolean, OneOf, setting
 from methods.training import guarded_step
 
 POSITIVE_PAIRS = ("same_set", "same_class")
+
+
+@dataclass
+class RidgeSettings:
+    """The ridge strength (learn_labeler: its validation's C = 1 / lam)."""
+
+    lam: float = setting(0.001, POSITIVE, "ridge strength (dual form, intercept column penalised)")
+
+
+@dataclass
+class MetaLSSettings(RidgeSettings):
+    """MetaLS meta-training."""
+
+    extra_reg: bool = setting(True, Boolean(), "the hinge-embedding and W_s-vs-W_* terms")
+    positive_pairs: str = setting("same_set", OneOf(POSITIVE_PAIRS), "hinge +1 pairs: same class in the same set "
+                                  "(the reference) | same_class")
+    tasks_per_step: int = setting(1, POSITIVE_INT, "tasks averaged per optimiser step (over all processes)")
 
 
 def with_intercept(features: torch.Tensor) -> torch.Tensor:
@@ -44,8 +63,6 @@ def hinge_targets(support_y: torch.Tensor, query_y: torch.Tensor, positive_pairs
         n_support = support_y.shape[-1]
         in_support = torch.arange(labels.shape[-1], device=labels.device) < n_support
         similar &= in_support.unsqueeze(-1) == in_support.unsqueeze(-2)
-    elif positive_pairs != "same_class":
-        raise ValueError(f"positive_pairs={positive_pairs!r}: choose one of {POSITIVE_PAIRS}")
     return similar.to(torch.int8) * 2 - 1
 
 
@@ -94,8 +111,6 @@ class MetaLS(nn.Module):
     def __init__(self, backbone: nn.Module, n_ways: int, lam: float = 1e-3, extra_reg: bool = True,
                  positive_pairs: str = "same_set"):
         super().__init__()
-        if positive_pairs not in POSITIVE_PAIRS:
-            raise UserError(f"positive_pairs={positive_pairs} is not one of {', '.join(POSITIVE_PAIRS)}")
         self.backbone = backbone
         self.n_ways = n_ways
         self.lam = lam

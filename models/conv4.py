@@ -2,7 +2,7 @@
 average pooling: a 64-d feature (x width_mult) for inputs of 8x8 pixels and up."""
 import torch.nn as nn
 
-from models import kaiming_init, register_model, scaled
+from models.registry import ModelSettings, kaiming_init, register_model, scaled
 
 
 class Conv4(nn.Module):
@@ -23,7 +23,7 @@ class Conv4(nn.Module):
         return self.layers(x)
 
 
-@register_model("conv4")
+@register_model("conv4", ModelSettings)
 def conv4(width_mult: float = 1.0, in_channels: int = 3):
     return Conv4(width_mult, in_channels)
 

@@ -6,7 +6,7 @@ take `log_softmax` (the reference applied softmax inside the net and took log(p 
 import torch
 import torch.nn as nn
 
-from models import create_model, register_model
+from models.registry import create_model, register_model
 
 
 def head(features: int, classes: int) -> nn.Sequential:

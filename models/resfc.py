@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models import register_model
+from models.registry import register_model
 
 NORM_EPS = 1e-8  # the same floor on the feature norm as the evaluation's normalisation
 

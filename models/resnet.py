@@ -9,13 +9,15 @@ arguments that switch DropBlock off; ResNet-12 has one block per stage, so stage
 Inputs of any size from 16x16 up (84x84 for the ImageNet family, 32x32 in tests).
 """
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import UserError
-from models import kaiming_init, register_model, scaled
+from engine.settings import POSITIVE_INT, Number, OneOf, setting
+from models.registry import ModelSettings, kaiming_init, register_model, scaled
 
 STAGE_CHANNELS = (64, 160, 320, 640)
 KEEP_SCHEDULE_STEPS = 40000  # forwards over which DropBlock's keep rate falls from 1 to 1 - drop_rate
@@ -126,9 +128,6 @@ class ResNet(nn.Module):
     def __init__(self, blocks: tuple[int, ...], width_mult: float = 1.0, drop_rate: float = 0.1,
                  dropblock_size: int = 5, in_channels: int = 3, dropblock: str = "correct"):
         super().__init__()
-        if dropblock not in DROPBLOCK_MASKS:
-            raise UserError(f"model.dropblock={dropblock} is not a DropBlock mask: choose correct (whole blocks) "
-                            f"or reference (the original code's masks)")
         layers, channels = [], in_channels
         for stage, (width, n_blocks) in enumerate(zip(STAGE_CHANNELS, blocks)):
             width = scaled(width, width_mult)
@@ -151,13 +150,24 @@ class ResNet(nn.Module):
         return self.pool(self.layers(x)).flatten(1)
 
 
-@register_model("resnet12")
+@dataclass
+class ResNetSettings(ModelSettings):
+    """ResNet-12 and ResNet-18 (`model=resnet12`, `model=resnet18`)."""
+
+    drop_rate: float = setting(0.1, Number(minimum=0, below=1),
+                               "dropout in stages 1-2, DropBlock's final drop rate in stages 3-4")
+    dropblock_size: int = setting(5, POSITIVE_INT, "DropBlock's block side")
+    dropblock: str = setting("correct", OneOf(DROPBLOCK_MASKS),
+                             "correct: whole blocks; reference: the original code's masks (partial blocks)")
+
+
+@register_model("resnet12", ResNetSettings)
 def resnet12(width_mult: float = 1.0, drop_rate: float = 0.1, dropblock_size: int = 5, in_channels: int = 3,
              dropblock: str = "correct"):
     return ResNet((1, 1, 1, 1), width_mult, drop_rate, dropblock_size, in_channels, dropblock)
 
 
-@register_model("resnet18")
+@register_model("resnet18", ResNetSettings)
 def resnet18(width_mult: float = 1.0, drop_rate: float = 0.1, dropblock_size: int = 5, in_channels: int = 3,
              dropblock: str = "correct"):
     return ResNet((1, 1, 2, 2), width_mult, drop_rate, dropblock_size, in_channels, dropblock)

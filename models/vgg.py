@@ -1,8 +1,11 @@
 """VGG-16 with batch norm, as MAXL uses it: 13 conv layers in 5 blocks, 512-d features at 32x32."""
+from dataclasses import dataclass
+
 import torch.nn as nn
 
 from engine.errors import UserError
-from models import register_model, scaled
+from engine.settings import Boolean, setting
+from models.registry import ModelSettings, register_model, scaled
 
 VGG16_BLOCKS = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]  # (channels, 3x3 convs) per block
 
@@ -37,6 +40,13 @@ class VGG16(nn.Module):
         return self.blocks(x).flatten(1)
 
 
-@register_model("vgg16")
+@dataclass
+class VGGSettings(ModelSettings):
+    """VGG-16 (`model=vgg16`)."""
+
+    batch_norm: bool = setting(True, Boolean(), "false: the plain VGG-16 (no batch statistics)")
+
+
+@register_model("vgg16", VGGSettings)
 def vgg16(width_mult: float = 1.0, batch_norm: bool = True):
     return VGG16(width_mult, batch_norm)

@@ -25,6 +25,7 @@ Each item is already a whole task: iterate with `DataLoader(tasks, batch_size=No
 If the flat dataset rotates (rotate_aug), its rotated copies are classes of their own, label + n_cls * k.
 """
 import logging
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -32,11 +33,36 @@ import torch
 
 from dataset.fewshot.flat import FlatDataset
 from engine.errors import UserError
+from engine.settings import POSITIVE_INT, AnyOf, Boolean, Null, setting
 
 log = logging.getLogger("metalabel")
 
 SHAPES = ("few_shot", "flat")
 DEFAULT_RANDOM_TASKS = 2800  # random tasks per sub-dataset when train_db_size is unset (the original's default)
+
+
+@dataclass
+class TaskShapeSettings:
+    """Few-shot tasks: classes and query images per class."""
+
+    n_ways: int = setting(5, POSITIVE_INT, "classes per task")
+    n_queries: int = setting(15, POSITIVE_INT, "query images per class")
+
+
+@dataclass
+class TrainingTaskSettings(TaskShapeSettings):
+    """The training (or labelling) tasks drawn from the train split."""
+
+    n_shots: int = setting(5, POSITIVE_INT, "support images per class")
+    no_replacement: bool = setting(True, Boolean(), "each image at most once per epoch (the GFSL partition, seeded "
+                                   "by seed)")
+    fixed_db: bool = setting(True, Boolean(), "the same tasks every epoch (false: drawn anew each epoch)")
+    train_db_size: object = setting(None, AnyOf((Null(f"the whole partition, or {DEFAULT_RANDOM_TASKS} random "
+                                                      f"tasks"), POSITIVE_INT)),
+                                    "tasks per sub-dataset. no_replacement: null = the whole partition, N = at "
+                                    f"most N; no_replacement=false: N random tasks, null = {DEFAULT_RANDOM_TASKS}")
+
+
 # Tags that keep the random streams of different purposes apart for the same (seed, epoch, index).
 _FIXED_TASK, _EPOCH_TASK, _AUGMENTATION, _PARTITION = range(4)
 

@@ -19,7 +19,18 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from engine.settings import Boolean, setting
+
 JITTER = 0.4  # brightness, contrast and saturation strength of the original's ColorJitter
+
+
+@dataclass
+class AugmentSettings:
+    """Augmentation of the training images."""
+
+    data_aug: bool = setting(True, Boolean(), "RandomCrop(pad dataset.crop_padding) + ColorJitter(0.4) + "
+                             "horizontal flip (dataset.hflip)")
+    rotate_aug: bool = setting(False, Boolean(), "x4 rotations as extra classes")
 
 
 @dataclass(frozen=True)
