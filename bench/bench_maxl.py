@@ -36,6 +36,7 @@ def build_job(method: str, args, channels_last: bool, scratch: str):
     from dataset.cifar100 import hierarchy_labels
     from dataset.hierarchical import HierarchicalData
     from engine import Session, compose
+    from engine.script import Script
     from methods.maxl import MaxlJob
 
     cfg = compose("maxl_train", [f"method={method}", f"model.width_mult={args.width}", f"batch_size={args.batch_size}",
@@ -50,7 +51,7 @@ def build_job(method: str, args, channels_last: bool, scratch: str):
     test_images = rng.integers(0, 256, (100, size, size, 3), dtype=np.uint8)
     data = HierarchicalData("bench", images, hierarchy_labels(fine // 5, fine), test_images,
                             hierarchy_labels(every_class // 5, every_class))
-    session = Session(cfg, Path(scratch) / "run", "maxl_train", writes_checkpoints=False)
+    session = Session(cfg, Path(scratch) / "run", Script("maxl_train", lr_key="lr", writes_checkpoints=False))
     job = MaxlJob(cfg, data, session)
     x, targets, _ = next(iter(job.train_loader))
     return job, session.to_device(x), targets.to(session.device)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.launch import run_processes  # noqa: E402
 from engine import Session, compose  # noqa: E402
+from engine.script import Script  # noqa: E402
 from methods.fewshot_eval import extract_features, task_accuracies  # noqa: E402
 from methods.meta_ls import MetaLS, meta_train_epoch  # noqa: E402
 from methods.supervised import build_classifier, supervised_train_epoch  # noqa: E402
@@ -61,7 +62,7 @@ def open_session(args, scratch: str) -> Session:
     cfg = compose("sup_baseline", [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
                                    f"channels_last={args.channels_last}", "num_workers=0", "progress=false",
                                    f"workspace={scratch}", "overwrite=true"])
-    return Session(cfg, Path(scratch) / "run", "bench_mela", writes_checkpoints=False)
+    return Session(cfg, Path(scratch) / "run", Script("bench_mela", writes_checkpoints=False))
 
 
 def local_share(total: int, session: Session, flag: str) -> int:

@@ -18,6 +18,7 @@ from engine.distributed import (SeededBatches, ShardedShuffleSampler, ShardSampl
                                 is_distributed)
 from engine.errors import UserError
 from engine.runs import RunLock, clear_run, decide_resume, remove_interrupted_writes
+from engine.script import Script
 from engine.workspace import DEFAULT_WORKSPACE
 
 log = logging.getLogger("metalabel")
@@ -70,19 +71,31 @@ def resolve_compile(value, device: torch.device) -> bool:
 
 
 class Session:
-    """One run of a script. `cfg` is the resolved Hydra config; `run_dir` receives config, log and metrics."""
+    """One run of a script. `cfg` is the resolved Hydra config; `run_dir` receives config, log and metrics; `spec`
+    is what the script hands the engine (engine/script.py): `session.script` is its name."""
 
     log = log  # console and the run's log file (rank 0 only in a distributed run)
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, script: str, writes_checkpoints: bool = True):
+    def __init__(self, cfg: DictConfig, run_dir: Path, spec: Script):
         self.cfg = cfg
-        self.script = script
+        self.spec = spec
+        self.script = spec.name  # checkpoints record it: a run is continued by the script that started it
         self.run_dir = Path(run_dir)
+        self._join_ranks()
+        self._set_up_compute()
+        self._open_checkpoint_folder()
+        self._epoch_listeners = []  # samplers and task datasets that draw per epoch
+        seed_everything(int(cfg.seed))  # the same on every rank: models start identical
+        if self.is_main:
+            self._record_run()
+
+    def _join_ranks(self) -> None:
+        """This process's rank and device; the process group of a distributed run. Only rank 0 logs info."""
         adopt_submitit_ranks()
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = resolve_device(cfg.device, self.local_rank)
+        self.device = resolve_device(self.cfg.device, self.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
@@ -90,28 +103,36 @@ class Session:
         self.is_main = self.rank == 0
         if not self.is_main:
             logging.getLogger().setLevel(logging.WARNING)
+
+    def _set_up_compute(self) -> None:
+        """Memory layout, precision, compile and CPU threads from the config."""
+        cfg = self.cfg
         self.channels_last = bool(cfg.channels_last)
         self.precision = resolve_precision(cfg.precision, self.device)
         self.compile_enabled = resolve_compile(cfg.compile, self.device)
         torch.set_num_threads(resolve_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-        self.checkpoint_dir = Path(cfg.checkpoint_dir) / cfg.name
-        self.lock = None
-        self.resuming = False  # continuing the run from its last checkpoint (engine/trainer.py restores it)
-        if writes_checkpoints:
-            self._open_run()
-        self._epoch_listeners = []  # samplers and task datasets that draw per epoch
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes throughout a run
-        seed_everything(int(cfg.seed))  # the same on every rank: models start identical
-        if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            source = "$WORKSPACE" if os.environ.get("WORKSPACE") else f"WORKSPACE unset, default {DEFAULT_WORKSPACE}"
-            log.info(f"workspace: {cfg.workspace} ({source})")
-            log.info(f"run: {cfg.name}   checkpoints: {self.checkpoint_dir}")
-            log.info(f"run directory: {self.run_dir}")
-            log.info(f"device: {self.device}" + (f", {self.world_size} processes" if self.world_size > 1 else "")
-                     + f", precision {self.precision}" + (", compiled" if self.compile_enabled else ""))
+
+    def _open_checkpoint_folder(self) -> None:
+        """The run's checkpoint folder; for a script that trains a run, continue or start it there, locked."""
+        self.checkpoint_dir = Path(self.cfg.checkpoint_dir) / self.cfg.name
+        self.lock = None
+        self.resuming = False  # continuing the run from its last checkpoint (engine/trainer.py restores it)
+        if self.spec.writes_checkpoints:
+            self._open_run()
+
+    def _record_run(self) -> None:
+        """The run directory with the resolved config; where everything goes, in the log."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        source = "$WORKSPACE" if os.environ.get("WORKSPACE") else f"WORKSPACE unset, default {DEFAULT_WORKSPACE}"
+        log.info(f"workspace: {cfg.workspace} ({source})")
+        log.info(f"run: {cfg.name}   checkpoints: {self.checkpoint_dir}")
+        log.info(f"run directory: {self.run_dir}")
+        log.info(f"device: {self.device}" + (f", {self.world_size} processes" if self.world_size > 1 else "")
+                 + f", precision {self.precision}" + (", compiled" if self.compile_enabled else ""))
 
     def _open_run(self) -> None:
         """Decide to continue or start (every rank decides before anything is removed), lock the run, clear it

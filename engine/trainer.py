@@ -50,9 +50,14 @@ class TrainingJob(ABC):
 
     monitors: checkpoint name -> metric key; the checkpoint `<name>.pt` is written whenever that metric
     reaches a new maximum.
+    headline: the metric keys a report shows by default for this run (written into summary.json).
+    skipped_steps_metric: the tracker total counting the steps skipped for a non-finite loss, if the job skips
+    any; the run stops as diverged when more than half of a phase's steps were skipped.
     """
 
     monitors: dict[str, str] = {}
+    headline: list[str] = []
+    skipped_steps_metric: str | None = None
 
     @abstractmethod
     def state_objects(self) -> dict:
@@ -111,23 +116,6 @@ def _agree(session, local: list[int]) -> list[int]:
     return flags.tolist()
 
 
-def _check_finite(tracker: MeanTracker, session, epoch: int, phase: str, steps: int, last_path) -> None:
-    """A diverged run stops here, before any checkpoint of it is written (the last good one is kept)."""
-    bad = tracker.nonfinite()
-    skipped = {k: v for k, v in tracker.totals.items() if k.endswith("skipped_steps")}
-    flags = _agree(session, [bad[1] + 1 if bad else 0, max(skipped.values(), default=0)])
-    lr_key = "learning_rate" if "learning_rate" in session.cfg else "lr"
-    kept = f"the last good checkpoint {last_path} is kept" if last_path.is_file() else "no checkpoint was written"
-    if flags[0]:
-        name = bad[0] if bad else "a loss"
-        raise UserError(f"{name} is not finite at epoch {epoch} step {flags[0] - 1} ({phase}): the run diverged; "
-                        f"lower {lr_key} (now {session.cfg[lr_key]}) and start again with overwrite=true ({kept})")
-    if steps and flags[1] * 2 > steps:
-        raise UserError(f"the loss was not finite in {flags[1]} of {steps} steps of epoch {epoch} ({phase}): the run "
-                        f"diverged; lower {lr_key} (now {session.cfg[lr_key]}) and start again with overwrite=true "
-                        f"({kept})")
-
-
 def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict, rng_states: list,
                        position: dict | None = None) -> dict:
     return {
@@ -153,7 +141,7 @@ def _check_same_run(saved_yaml: str, cfg, path) -> None:
                         f"name=... to start another run")
 
 
-def _restore(session, job):
+def _restore(session, job, epochs: int):
     path = session.checkpoint_dir / "last.pt"
     payload = load_checkpoint(path, fix="delete it and run with overwrite=true, or give another name=...")
     if payload.get("script") != session.script:
@@ -173,11 +161,15 @@ def _restore(session, job):
                     f"random streams restart (seeded), so the continuation is not bit-identical")
         seed_everything(int(session.cfg.seed) + 1000 * (payload["epoch"] + 1) + session.rank)
         if position is not None:
-            raise UserError(f"{path} holds a place inside epoch {position['epoch']} written by {len(states)} "
+            raise UserError(f"{path} holds a place inside epoch {position['epoch'] + 1} written by {len(states)} "
                             f"processes: continue it with {len(states)} processes")
-    where = (f"epoch {position['epoch']} step {position['step']} ({position['phase_name']})" if position
-             else f"epoch {payload['epoch'] + 1} step 0")
-    log.info(f"resumed at {where} from {path}")
+    if position is not None:
+        where = f"at epoch {position['epoch'] + 1}/{epochs} step {position['step']} ({position['phase_name']})"
+    elif payload["epoch"] + 1 < epochs:
+        where = f"at epoch {payload['epoch'] + 2}/{epochs} step 0"
+    else:
+        where = f"after epoch {payload['epoch'] + 1}, the last of {epochs}"
+    log.info(f"resumed {where} from {path}")
     return payload["epoch"] + 1, payload["history"], payload["best"], position
 
 
@@ -208,100 +200,172 @@ def rounded(value, digits: int = 6):
 
 
 def fit(session, job: TrainingJob, epochs: int) -> dict:
-    cfg = session.cfg
-    last_path = session.checkpoint_dir / "last.pt"
-    start, history, best, position = 0, [], {}, None
-    if session.resuming:
-        start, history, best, position = _restore(session, job)
-        if position is not None:
-            start = position["epoch"]
-    else:
-        seed_everything(int(cfg.seed) + session.rank)  # ranks draw different dropout and augmentation
-    writer = MetricsWriter(session.run_dir, history) if session.is_main else None
-    every = float(cfg.checkpoint_every) * 60
-    run_began = time.perf_counter()
-    last_save = time.monotonic()
-
-    def save(epoch_done, position_now=None, improved=()):
-        rng_states = gather_objects(capture_rng_state())
-        if session.is_main:
-            payload = checkpoint_payload(session, job, epoch_done, history, best, rng_states, position_now)
-            for name in improved:
-                save_checkpoint(session.checkpoint_dir / f"{name}.pt", payload)
-            save_checkpoint(last_path, payload)
-
+    """Train `job` for `epochs` epochs (from its last checkpoint when the session continues a run); its summary."""
+    run = Run(session, job, epochs)  # restores the last checkpoint, or seeds a new run
     with StopSignals() as signals:
-        for epoch in range(start, epochs):
-            resumed = position if position is not None and position["epoch"] == epoch else None
-            began = time.perf_counter() - (resumed["elapsed"] if resumed else 0.0)
-            session.set_epoch(epoch)
-            row = {"epoch": epoch, **learning_rates(job)}
-            passes = {}
-            for index, phase in enumerate(job.phases(epoch)):
-                pass_index = passes.get(id(phase.loader), 0)
-                passes[id(phase.loader)] = pass_index + 1
-                if resumed and index < resumed["phase"]:
-                    continue  # finished before the interruption: its metrics are in resumed["row"]
-                tracker, skip = MeanTracker(), 0
-                if resumed and index == resumed["phase"]:
-                    tracker.load_state_dict(resumed["trackers"][session.rank], session.device)
-                    row, skip = dict(resumed["row"]), resumed["step"]
-                phase.loader.sampler.start_pass(pass_index, skip)
-                steps = len(phase.loader)
-                bar = session.progress(phase.loader, f"epoch {epoch} {phase.name}", total=steps, initial=skip)
-                for step, batch in enumerate(bar, start=skip):
-                    tracker.step = step
-                    phase.step(batch, tracker)
-                    due = every > 0 and session.is_main and time.monotonic() - last_save >= every
-                    stop, due = _agree(session, [signals.received or 0, int(due)])
-                    if not (stop or due) or step + 1 == steps:
-                        continue
-                    _check_finite(tracker, session, epoch, phase.name, 0, last_path)
-                    here = {"epoch": epoch, "phase": index, "phase_name": phase.name, "step": step + 1,
-                            "row": row, "trackers": gather_objects(tracker.state_dict()),  # one per rank
-                            "elapsed": time.perf_counter() - began}
-                    save(epoch - 1, here)
-                    last_save = time.monotonic()
-                    if stop:
-                        bar.close()
-                        raise RunInterrupted(
-                            f"interrupted by {signal.Signals(stop).name} at epoch {epoch} step {step + 1} "
-                            f"({phase.name}); its place is saved in {last_path}: run the same command again to "
-                            f"continue", 128 + stop)
-                _check_finite(tracker, session, epoch, phase.name, steps, last_path)
-                row |= tracker.result(session)
-            position = None
-            job.end_epoch(epoch)
-            row |= job.evaluate(epoch)
-            row["time_s"] = round(time.perf_counter() - began, 3)
-            history.append(row)
-            improved = [name for name, key in job.monitors.items()
-                        if key in row and not math.isnan(row[key]) and row[key] > best.get(name, -math.inf)]
+        for epoch in range(run.start, epochs):
+            run.begin_epoch(epoch)
+            for index, phase, pass_index in run.phases_left(job.phases(epoch)):
+                run.train_phase(index, phase, pass_index, signals)
+            run.end_epoch(signals)
+    return run.finish()
+
+
+class Run:
+    """The state of one `fit`: the epochs done (`history`), the best value of each monitor, where the run started
+    in this process and when it last saved; within an epoch, its number, metrics row and start time.
+
+    Epochs are numbered from 0 inside (metrics.csv, checkpoints) and from 1 in every message (`epoch 1/N`)."""
+
+    def __init__(self, session, job: TrainingJob, epochs: int):
+        self.session, self.job, self.epochs = session, job, epochs
+        self.last_path = session.checkpoint_dir / "last.pt"
+        self.start, self.history, self.best, self.position = 0, [], {}, None
+        if session.resuming:
+            self.start, self.history, self.best, self.position = _restore(session, job, epochs)
+            if self.position is not None:  # inside an epoch: that epoch continues
+                self.start = self.position["epoch"]
+        else:
+            seed_everything(int(session.cfg.seed) + session.rank)  # ranks draw different dropout and augmentation
+        self.writer = MetricsWriter(session.run_dir, self.history) if session.is_main else None
+        self.every = float(session.cfg.checkpoint_every) * 60
+        self.began = time.perf_counter()
+        self.last_save = time.monotonic()
+
+    # ---- an epoch ---------------------------------------------------------------------------------------------
+    def begin_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        # the place inside this epoch where an interrupted run stopped, if any
+        self.resumed = self.position if self.position is not None and self.position["epoch"] == epoch else None
+        self.epoch_began = time.perf_counter() - (self.resumed["elapsed"] if self.resumed else 0.0)
+        self.session.set_epoch(epoch)
+        self.row = {"epoch": epoch, **learning_rates(self.job)}
+
+    def phases_left(self, phases: list[Phase]):
+        """(index, phase, pass over its loader) of each phase still to run this epoch: on resume, the phases that
+        finished before the interruption are passed over (their metrics are in the saved row)."""
+        passes = {}
+        for index, phase in enumerate(phases):
+            pass_index = passes.get(id(phase.loader), 0)
+            passes[id(phase.loader)] = pass_index + 1
+            if self.resumed is None or index >= self.resumed["phase"]:
+                yield index, phase, pass_index
+
+    def train_phase(self, index: int, phase: Phase, pass_index: int, signals: StopSignals) -> None:
+        """The phase's steps; between two of them, a checkpoint of the place when one is due or a signal asks to
+        stop (and then the stop)."""
+        session, tracker, skip = self.session, MeanTracker(), 0
+        if self.resumed is not None and index == self.resumed["phase"]:
+            tracker.load_state_dict(self.resumed["trackers"][session.rank], session.device)
+            self.row, skip = dict(self.resumed["row"]), self.resumed["step"]
+        phase.loader.sampler.start_pass(pass_index, skip)
+        steps = len(phase.loader)
+        bar = session.progress(phase.loader, f"epoch {self.epoch + 1}/{self.epochs} {phase.name}", total=steps,
+                               initial=skip)
+        for step, batch in enumerate(bar, start=skip):
+            tracker.step = step
+            phase.step(batch, tracker)
+            stop, due = self._stop_or_due(signals)
+            if (stop or due) and step + 1 < steps:
+                self._save_place(index, phase, step + 1, tracker)
+                if stop:
+                    bar.close()
+                    raise RunInterrupted(
+                        f"interrupted by {signal.Signals(stop).name} at epoch {self.epoch + 1}/{self.epochs} step "
+                        f"{step + 1} ({phase.name}); its place is saved in {self.last_path}: run the same command "
+                        f"again to continue", 128 + stop)
+        self._check_finite(tracker, phase.name, steps)
+        self.row |= tracker.result(session)
+
+    def end_epoch(self, signals: StopSignals) -> None:
+        """The job's end of epoch and evaluation, the best checkpoints, the metrics row and log line, `last.pt`;
+        then the stop a signal asked for during the epoch."""
+        epoch, row = self.epoch, self.row
+        self.job.end_epoch(epoch)
+        row |= self.job.evaluate(epoch)
+        row["time_s"] = round(time.perf_counter() - self.epoch_began, 3)
+        self.history.append(row)
+        improved = [name for name, key in self.job.monitors.items()
+                    if key in row and not math.isnan(row[key]) and row[key] > self.best.get(name, -math.inf)]
+        for name in improved:
+            self.best[name] = row[self.job.monitors[name]]
+        if self.session.is_main:
+            self.writer.write(row)
+            self._log_epoch(row)
+        self._save(epoch, None, improved)
+        stop = _agree(self.session, [signals.received or 0])[0]
+        if stop and epoch + 1 < self.epochs:
+            raise RunInterrupted(f"interrupted by {signal.Signals(stop).name} after epoch {epoch + 1}/{self.epochs}; "
+                                 f"{self.last_path} holds it: run the same command again to continue", 128 + stop)
+
+    def _log_epoch(self, row: dict) -> None:
+        elapsed = time.perf_counter() - self.began  # in this process: epochs start..epoch
+        eta = elapsed / (self.epoch - self.start + 1) * (self.epochs - self.epoch - 1)
+        log.info(f"epoch {self.epoch + 1}/{self.epochs} ({_clock(elapsed)} elapsed, ETA {_clock(eta)}): "
+                 + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                             for k, v in row.items() if k != "epoch"))
+
+    # ---- the end ----------------------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """The job's summary with the epochs run, the best checkpoints and the headline metrics: summary.json,
+        TensorBoard's HPARAMS, curves.png."""
+        session, job = self.session, self.job
+        summary = job.summarize(self.history)
+        if session.is_main:
+            self.writer.plot()
+            headline = {"headline": list(job.headline)} if job.headline else {}
+            checkpoints = {name: {job.monitors[name]: value} for name, value in self.best.items()}
+            summary = {"epochs": len(self.history), **headline, **summary, "checkpoints": checkpoints}
+            self.writer.write_hparams(session.cfg, summary)
+            self.writer.close()
+            summary = rounded(summary)
+            (session.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("summary: " + json.dumps(summary))
+            log.info(f"checkpoints: {session.checkpoint_dir}   metrics: {session.run_dir / 'metrics.csv'}")
+        session.barrier()
+        return summary
+
+    # ---- checkpoints and stops --------------------------------------------------------------------------------
+    def _stop_or_due(self, signals: StopSignals) -> list[int]:
+        """[the signal asking to stop, or 0; 1 when `checkpoint_every` minutes have passed since the last save],
+        the same on every rank."""
+        due = self.every > 0 and self.session.is_main and time.monotonic() - self.last_save >= self.every
+        return _agree(self.session, [signals.received or 0, int(due)])
+
+    def _save_place(self, index: int, phase: Phase, steps_done: int, tracker: MeanTracker) -> None:
+        """`last.pt` holding the place inside the epoch: the epoch before it is the last completed one."""
+        self._check_finite(tracker, phase.name, 0)
+        here = {"epoch": self.epoch, "phase": index, "phase_name": phase.name, "step": steps_done,
+                "row": self.row, "trackers": gather_objects(tracker.state_dict()),  # one per rank
+                "elapsed": time.perf_counter() - self.epoch_began}
+        self._save(self.epoch - 1, here)
+
+    def _save(self, epoch_done: int, position: dict | None = None, improved=()) -> None:
+        rng_states = gather_objects(capture_rng_state())
+        if self.session.is_main:
+            payload = checkpoint_payload(self.session, self.job, epoch_done, self.history, self.best, rng_states,
+                                         position)
             for name in improved:
-                best[name] = row[job.monitors[name]]
-            if session.is_main:
-                writer.write(row)
-                elapsed = time.perf_counter() - run_began  # in this process: epochs start..epoch
-                eta = elapsed / (epoch - start + 1) * (epochs - epoch - 1)
-                log.info(f"epoch {epoch + 1}/{epochs} ({_clock(elapsed)} elapsed, ETA {_clock(eta)}): "
-                         + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                     for k, v in row.items() if k != "epoch"))
-            save(epoch, None, improved)
-            last_save = time.monotonic()
-            stop = _agree(session, [signals.received or 0])[0]
-            if stop and epoch + 1 < epochs:
-                raise RunInterrupted(f"interrupted by {signal.Signals(stop).name} after epoch {epoch}; {last_path} "
-                                     f"holds it: run the same command again to continue", 128 + stop)
-    summary = job.summarize(history)
-    if session.is_main:
-        writer.plot()
-        summary = {"epochs": len(history), **summary,
-                   "checkpoints": {name: {job.monitors[name]: value} for name, value in best.items()}}
-        writer.write_hparams(cfg, summary)
-        writer.close()
-        summary = rounded(summary)
-        (session.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("summary: " + json.dumps(summary))
-        log.info(f"checkpoints: {session.checkpoint_dir}   metrics: {session.run_dir / 'metrics.csv'}")
-    session.barrier()
-    return summary
+                save_checkpoint(self.session.checkpoint_dir / f"{name}.pt", payload)
+            save_checkpoint(self.last_path, payload)
+        self.last_save = time.monotonic()
+
+    def _check_finite(self, tracker: MeanTracker, phase: str, steps: int) -> None:
+        """A diverged run stops here, before any checkpoint of it is written (the last good one is kept): a loss
+        that was not finite, or (`steps` given) more than half of the phase's steps skipped for one."""
+        session, metric = self.session, self.job.skipped_steps_metric
+        bad = tracker.nonfinite()
+        skipped = tracker.totals.get(metric, 0) if metric else 0
+        flags = _agree(session, [bad[1] + 1 if bad else 0, skipped])
+        epoch = f"epoch {self.epoch + 1}/{self.epochs}"
+        if flags[0]:
+            what = f"{bad[0] if bad else 'a loss'} is not finite at {epoch} step {flags[0] - 1}"
+        elif steps and flags[1] * 2 > steps:
+            what = f"the loss was not finite in {flags[1]} of {steps} steps of {epoch}"
+        else:
+            return
+        lr_key = session.spec.lr_key
+        lower = f"lower {lr_key} (now {session.cfg[lr_key]})" if lr_key else "lower the learning rate"
+        kept = (f"the last good checkpoint {self.last_path} is kept" if self.last_path.is_file()
+                else "no checkpoint was written")
+        raise UserError(f"{what} ({phase}): the run diverged; {lower} and start again with overwrite=true ({kept})")

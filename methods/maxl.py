@@ -295,6 +295,7 @@ def generator_agreement(true: np.ndarray, generated: np.ndarray, primary: np.nda
 
 class MaxlJob(TrainingJob):
     monitors = {"best": "test/acc"}
+    headline = ["test/acc_last5_mean"]  # a key of `summarize`
 
     def __init__(self, cfg, data: HierarchicalData, session):
         if cfg.method not in METHODS:
@@ -429,7 +430,7 @@ class MaxlJob(TrainingJob):
             # so for VGG-16 this is the training-mode generator the reference evaluates.
             self.generator.eval()
         labels = []  # per batch: primary, true auxiliary-level class, generated label
-        for x, targets in self._batches(self.test_loader, f"epoch {epoch} test"):
+        for x, targets in self._batches(self.test_loader, f"epoch {epoch + 1}/{self.cfg.epochs} test"):
             y = targets[:, 0]
             with self.session.autocast():
                 outputs = self.model(x)

@@ -80,12 +80,12 @@ def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, 
     env = dict(os.environ, WORKSPACE=str(workspace), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     args = [*TORCHRUN, "29613", SCRIPT, *RUN, "epochs=2", "name=resumed"]
     status, output = interrupt_in_second_epoch(args, tmp_path, env)
-    assert "interrupted by SIGTERM at epoch 1 step " in output, output[-3000:]
+    assert "interrupted by SIGTERM at epoch 2/2 step " in output, output[-3000:]
     assert final_state(workspace, "resumed")["position"]["epoch"] == 1
     args[len(TORCHRUN)] = "29614"
     second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed at epoch 1 step " in second.stderr
+    assert "resumed at epoch 2/2 step " in second.stderr
     assert comparable(run_metrics(tmp_path, "resumed")) == comparable(run_metrics(tmp_path, "two"))
     resumed = final_state(workspace, "resumed")["state"]
     for key in ("model", "generator"):

@@ -9,11 +9,11 @@ MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_wor
 
 
 def test_maxl_on_nan_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, workspace):
-    # epoch 0 at lr 0.01 is fine; the schedule then multiplies lr by 1e8, and epoch 1 diverges
+    # epoch 1 at lr 0.01 is fine; the schedule then multiplies lr by 1e8, and epoch 2 diverges
     result = run_script("maxl_train.py", *MAXL, "epochs=2", "lr_step=1", "lr_gamma=1e8", cwd=tmp_path,
                         workspace=workspace)
     line = one_line_error(result)
-    assert "is not finite at epoch 1 step " in line and "the run diverged; lower lr (now 0.01)" in line
+    assert "is not finite at epoch 2/2 step " in line and "the run diverged; lower lr (now 0.01)" in line
     folder = workspace / "checkpoint" / "maxl" / "diverging"
     assert f"the last good checkpoint {folder / 'last.pt'} is kept" in line
     import torch
@@ -28,5 +28,5 @@ def test_meta_learning_with_a_singular_solve_stops_cleanly(tmp_path, workspace):
     result = run_script("learn_meta_repr.py", *MELA, "epochs=1", "learning_rate=1e6", cwd=tmp_path,
                         workspace=workspace)
     line = one_line_error(result)
-    assert "the run diverged; lower learning_rate (now 1000000.0)" in line and "epoch 0" in line
+    assert "the run diverged; lower learning_rate (now 1000000.0)" in line and "epoch 1/1" in line
     assert not list((workspace / "checkpoint" / "label_learn" / "saves" / "diverging").glob("*.pt"))

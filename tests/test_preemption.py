@@ -94,10 +94,10 @@ def runs(tmp_path_factory):
 def test_sigterm_then_the_same_command_equals_an_uninterrupted_run(runs, script):
     run = runs[script]
     assert run["status"] == 128 + signal.SIGTERM, run["output"]
-    assert "interrupted by SIGTERM at epoch 1 step " in run["output"], run["output"]
+    assert "interrupted by SIGTERM at epoch 2/2 step " in run["output"], run["output"]
     assert "run the same command again to continue" in run["output"]
     assert run["continued"].returncode == 0, run["continued"].stderr
-    assert "resumed at epoch 1 step " in run["continued"].stderr
+    assert "resumed at epoch 2/2 step " in run["continued"].stderr
     assert not run["leftover"].exists()
     final = run["final"]
     reference = torch.load(run["straight"] / "last.pt", weights_only=True)
@@ -115,7 +115,7 @@ def test_sigterm_then_the_same_command_equals_an_uninterrupted_run(runs, script)
     assert rows(read_metrics(run["continued_metrics"])) == rows(straight_metrics)
     if run["extended"] is not None:  # epochs=3: the same run (name) goes on from its last epoch
         assert run["extended"].returncode == 0, run["extended"].stderr
-        assert "resumed at epoch 2 step 0" in run["extended"].stderr
+        assert "resumed at epoch 3/3 step 0" in run["extended"].stderr
         assert f"run: {run['folder'].name} " in run["extended"].stderr
         extended = torch.load(run["folder"] / "last.pt", weights_only=True)
         assert extended["epoch"] == 2 and rows(extended["history"][:2]) == rows(reference["history"])
@@ -127,11 +127,12 @@ def maxl_fit(tmp_path, name, stop_at=None):
     """Build and fit a tiny MAXL job as maxl_train.py does; `stop_at` = (epoch, phase, step) sends SIGTERM there."""
     from dataset.hierarchical import load_hierarchical
     from engine.entry import compose
+    from engine.script import Script
     from engine.session import Session
     from methods.maxl import MaxlJob
 
     cfg = compose("maxl_train", [*MAXL, "num_workers=0", "epochs=2", f"name={name}"])
-    session = Session(cfg, tmp_path / "logs" / name, "maxl_train")
+    session = Session(cfg, tmp_path / "logs" / name, Script("maxl_train", lr_key="lr"))
     job = MaxlJob(cfg, load_hierarchical(cfg.dataset), session)
     if stop_at is not None:
         phases = job.phases
@@ -159,7 +160,7 @@ def test_a_stop_inside_either_maxl_phase_continues_exactly(stop_at, tmp_path, wo
     with pytest.raises(RunInterrupted) as stopped:
         maxl_fit(tmp_path, "stopped", stop_at)
     assert stopped.value.exit_status == 128 + signal.SIGTERM
-    assert f"at epoch {stop_at[0]} step {stop_at[2] + 1} ({stop_at[1]})" in str(stopped.value)
+    assert f"at epoch {stop_at[0] + 1}/2 step {stop_at[2] + 1} ({stop_at[1]})" in str(stopped.value)
     payload = torch.load(workspace / "checkpoint" / "maxl" / "stopped" / "last.pt", weights_only=True)
     assert payload["position"]["phase_name"] == stop_at[1] and payload["position"]["step"] == stop_at[2] + 1
     summary, job = maxl_fit(tmp_path, "stopped")
