@@ -3,11 +3,12 @@
 import torch
 
 from engine import hydra_main
+from methods.scripts import FINE_TUNE
 from methods.mela import (PRETRAINED_STEPS, MetaLearningJob, check_architecture, fine_tune_network, load_step,
                           pretrained_backbone, validator)
 
 
-@hydra_main("fine_tune")
+@hydra_main(FINE_TUNE)
 def main(cfg, session):
     payload, path = load_step(cfg.pretrained_model, "pretrained_model", PRETRAINED_STEPS, cfg.checkpoint_dir)
     check_architecture(payload, cfg.model, "pretrained_model", path)

@@ -1,11 +1,12 @@
 """MeLa step 2, global label inference and pre-training on the inferred labels:
 `python learn_labeler.py dataset=miniImageNet pretrained_labeler=<learn_meta_repr run or .pt> [key=value ...]`."""
 from engine import hydra_main
+from methods.scripts import LEARN_LABELER
 from methods.mela import (META_STEPS, SupervisedJob, infer_global_labels, int_list, load_step,
                           pretrained_backbone, saved_model_cfg, validator)
 
 
-@hydra_main("learn_labeler")
+@hydra_main(LEARN_LABELER)
 def main(cfg, session):
     payload, path = load_step(cfg.pretrained_labeler, "pretrained_labeler", META_STEPS, cfg.checkpoint_dir)
     labeling_backbone = pretrained_backbone(payload, saved_model_cfg(payload))

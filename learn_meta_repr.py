@@ -1,9 +1,10 @@
 """MeLa step 1, meta-representation learning: `python learn_meta_repr.py dataset=miniImageNet [key=value ...]`."""
 from engine import hydra_main
+from methods.scripts import LEARN_META_REPR
 from methods.mela import MetaLearningJob, build_backbone, int_list, optimizer, validator
 
 
-@hydra_main("learn_meta_repr")
+@hydra_main(LEARN_META_REPR)
 def main(cfg, session):
     backbone = session.prepare(build_backbone(cfg.model))
     evaluator = validator(cfg, session, cfg.val_n_ways, cfg.test_C)

@@ -1,10 +1,11 @@
 """MAXL and its baselines: `python maxl_train.py method=single|human|random|maxl|maxl_first_order [key=value ...]`."""
 from dataset.hierarchical import load_hierarchical
 from engine import hydra_main
+from methods.scripts import MAXL_TRAIN
 from methods.maxl import MaxlJob
 
 
-@hydra_main("maxl_train")
+@hydra_main(MAXL_TRAIN)
 def main(cfg, session):
     data = load_hierarchical(cfg.dataset)
     job = MaxlJob(cfg, data, session)

@@ -4,12 +4,13 @@ import csv
 import json
 
 from engine import hydra_main
+from methods.scripts import META_EVAL
 from methods.fewshot_eval import results_table
 from methods.mela import (EVALUATED_STEPS, FewShotEvaluator, check_architecture, feature_model, int_list,
                           load_step)
 
 
-@hydra_main("meta_eval", writes_checkpoints=False)
+@hydra_main(META_EVAL)
 def main(cfg, session):
     payload, path = load_step(cfg.pretrained_model, "pretrained_model", EVALUATED_STEPS, cfg.checkpoint_dir)
     check_architecture(payload, cfg.model, "pretrained_model", path)

@@ -36,10 +36,11 @@ def build_job(method: str, args, channels_last: bool, scratch: str):
     from dataset.cifar100 import hierarchy_labels
     from dataset.hierarchical import HierarchicalData
     from engine import Session, compose
+    from methods.scripts import SCRIPTS
     from engine.script import Script
     from methods.maxl import MaxlJob
 
-    cfg = compose("maxl_train", [f"method={method}", f"model.width_mult={args.width}", f"batch_size={args.batch_size}",
+    cfg = compose(SCRIPTS["maxl_train"], [f"method={method}", f"model.width_mult={args.width}", f"batch_size={args.batch_size}",
                                  f"device={args.device}", f"channels_last={channels_last}", "num_workers=0",
                                  "dataset=cifar100", "cossim_every=50", f"precision={args.precision}",
                                  f"workspace={scratch}"])

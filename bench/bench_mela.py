@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.launch import run_processes  # noqa: E402
 from engine import Session, compose  # noqa: E402
+from methods.scripts import SCRIPTS  # noqa: E402
 from engine.script import Script  # noqa: E402
 from methods.fewshot_eval import extract_features, task_accuracies  # noqa: E402
 from methods.meta_ls import MetaLS, meta_train_epoch  # noqa: E402
@@ -59,7 +60,7 @@ def best_time(fn, iters: int, device: torch.device) -> float:
 
 def open_session(args, scratch: str) -> Session:
     """A Session as the scripts get it (this rank's device, precision, layout, compile), writing to `scratch`."""
-    cfg = compose("sup_baseline", [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
+    cfg = compose(SCRIPTS["sup_baseline"], [f"device={args.device}", f"precision={args.precision}", f"compile={args.compile}",
                                    f"channels_last={args.channels_last}", "num_workers=0", "progress=false",
                                    f"workspace={scratch}", "overwrite=true"])
     return Session(cfg, Path(scratch) / "run", Script("bench_mela", writes_checkpoints=False))

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from torchvision.transforms import v2
 
 from dataset import cifar100
+from dataset.catalog import AUTO
 from dataset.own_data import (ARRAY_SUFFIXES, CLASSES_STREAM, LEVELS_CSV, PER_CLASS_STREAM, cap_per_class,
                               check_per_class_and_seed, choose_classes, find_split, fit_images, ids_from_values,
                               read_array_labels, read_arrays, read_levels_csv, renumber, subset_rng, take)
@@ -26,7 +27,6 @@ log = logging.getLogger("metalabel")
 SPLITS = ("train", "test")
 OWN_SUFFIXES = (*ARRAY_SUFFIXES, ".csv")
 LEVEL_KEYS = ("primary_level", "auxiliary_level")
-AUTO = "auto"
 
 
 @dataclass
@@ -231,19 +231,11 @@ def _check_subset_keys(cfg) -> None:
     check_per_class_and_seed(cfg)
 
 
-def _check_supported(cfg) -> None:
-    if "maxl" not in cfg.supports:
-        raise UserError(f"dataset={cfg.name} is a few-shot dataset without a label hierarchy; maxl_train.py takes "
-                        f"cifar100, cifar10, synthetic_hier, digits or hier_file")
-
-
 def check_config(cfg) -> None:
-    """What maxl_train checks before its run name is derived (nothing is trained or written yet): the dataset
-    supports MAXL, the subset keys are valid, hier_file's folder and files exist; `auto` levels get their values
+    """What maxl_train checks before its run name is derived (nothing is trained or written yet): the subset keys are valid, hier_file's folder and files exist; `auto` levels get their values
     from the labels (a hier_file's labels are read; other datasets resolve them when loaded). Afterwards
     `dataset.primary_level` / `dataset.auxiliary_level` hold the levels the run uses (the subset's level)."""
     dataset = cfg.dataset
-    _check_supported(dataset)
     _check_subset_keys(dataset)
     if dataset.source == "hier_file":
         _own_files(dataset)
@@ -261,7 +253,6 @@ def load_hierarchical(cfg) -> HierarchicalData:
     """Read the dataset described by a `config/dataset/*.yaml` entry (generating `synthetic_hier` on first use),
     with ids 0..K-1 per level, `auto` levels resolved into `cfg`, the subset keys applied and, where the config
     has `image_size`, every image that size."""
-    _check_supported(cfg)
     _check_subset_keys(cfg)
     source = cfg.source
     class_names = None

@@ -78,9 +78,17 @@ def result_settings(cfg, script: Script) -> dict:
 
 
 @lru_cache(maxsize=32)
-def _default_leaves(script: str, choices: tuple) -> dict:
-    overrides = [f"{group}={option}" for group, option in choices]
-    return leaves(_compose_plain(script, overrides), skip=unnamed_settings(SCRIPTS[script]), strict=False)
+def _default_config(script: str, choices: tuple) -> DictConfig:
+    return _compose_plain(script, [f"{group}={option}" for group, option in choices])
+
+
+def _default_leaves(cfg: DictConfig, script: Script, choices: tuple) -> dict:
+    """The defaults' settings for the chosen group options, read with this run's neutral values (its workspace,
+    data_dir ...), so that a path spelled out or taken from $WORKSPACE never renames a run."""
+    defaults = _default_config(script.name, choices).copy()
+    for key in neutral_keys(script.settings) & set(cfg.keys()) & set(defaults.keys()):
+        defaults[key] = cfg[key]
+    return leaves(defaults, skip=unnamed_settings(script), strict=False)
 
 
 def _compose_plain(script: str, overrides: list[str]) -> DictConfig:
@@ -97,7 +105,7 @@ def _compose_plain(script: str, overrides: list[str]) -> DictConfig:
 def derive_name(cfg: DictConfig, script: Script, choices: dict) -> str:
     """`<run_prefix>_s<seed>[_<hash>]` for a validated config (see the module docstring)."""
     groups = tuple((g, str(choices[g])) for g in PREFIX_GROUPS if choices.get(g))
-    digest = settings_hash(result_settings(cfg, script), _default_leaves(script.name, groups))
+    digest = settings_hash(result_settings(cfg, script), _default_leaves(cfg, script, groups))
     return f"{cfg.run_prefix}_s{cfg.seed}" + (f"_{digest}" if digest else "")
 
 

@@ -22,11 +22,12 @@ import torch
 from omegaconf import OmegaConf
 
 from engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
-from engine.config import RESUMABLE_CHANGES, leaves
+from engine.config import leaves
 from engine.distributed import gather_objects, is_distributed
 from engine.errors import RunInterrupted, UserError
 from engine.metrics import MeanTracker, MetricsWriter
 from engine.session import seed_everything
+from engine.settings import neutral_keys
 
 log = logging.getLogger("metalabel")
 
@@ -130,9 +131,12 @@ def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict
     }
 
 
-def _check_same_run(saved_yaml: str, cfg, path) -> None:
-    saved = leaves(OmegaConf.create(saved_yaml), skip=RESUMABLE_CHANGES | {"hydra"})
-    current = leaves(cfg, skip=RESUMABLE_CHANGES | {"hydra"})
+def _check_same_run(saved_yaml: str, session, path) -> None:
+    """The checkpoint's settings are this run's, bar the neutral ones (which a continued run may change)."""
+    cfg = session.cfg
+    skip = neutral_keys(session.spec.settings) | {"hydra"}
+    saved = leaves(OmegaConf.create(saved_yaml), skip=skip)
+    current = leaves(cfg, skip=skip)
     changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if changed:
         key = changed[0]
@@ -147,7 +151,7 @@ def _restore(session, job, epochs: int):
     if payload.get("script") != session.script:
         raise UserError(f"{path} was written by {payload.get('script')}.py, not {session.script}.py: "
                         f"check name=...")
-    _check_same_run(payload["config"], session.cfg, path)
+    _check_same_run(payload["config"], session, path)
     for name, obj in job.state_objects().items():
         if name not in payload["state"]:
             raise UserError(f"{path} has no '{name}' state: it was written by another version or method")

@@ -44,7 +44,8 @@ LABEL_LEARNING = ("maxl", "maxl_first_order")
 class MaxlSettings(EpochSettings, BatchSettings):
     """MAXL and its baselines (defaults: the original code's)."""
 
-    method: str = setting("maxl", OneOf(METHODS), "single | human | random | maxl | maxl_first_order")
+    method: str = setting("maxl", OneOf(METHODS), "the auxiliary labels: none, the true finer ones, random "
+                         "ones, or learnt (exact or first-order meta-gradient)")
     primary_level: object = setting("${dataset.primary_level}", PRIMARY_LEVEL,
                                     "the primary task's label level, named by its number of classes (CIFAR-100: "
                                     "3, 10, 20, 100); default: the dataset's")
@@ -298,8 +299,6 @@ class MaxlJob(TrainingJob):
     headline = ["test/acc_last5_mean"]  # a key of `summarize`
 
     def __init__(self, cfg, data: HierarchicalData, session):
-        if cfg.method not in METHODS:
-            raise UserError(f"unknown method '{cfg.method}': choose one of {', '.join(METHODS)}")
         self.cfg, self.session, self.method = cfg, session, cfg.method
         self.task = auxiliary_task(data, cfg)
         self.has_auxiliary = self.method != "single"

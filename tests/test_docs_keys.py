@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from engine import compose
+from methods.scripts import SCRIPTS as ALL
 
 SCRIPTS = ("maxl_train", "learn_meta_repr", "learn_labeler", "fine_tune", "meta_eval", "sup_baseline")
 GROUPS = ("dataset", "model")
@@ -47,7 +48,7 @@ def documented() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def configs() -> dict[str, dict]:
     """Each script's composed config, and each group option's file, as plain nested dicts (unresolved)."""
-    trees = {script: OmegaConf.to_container(compose(script, []), resolve=False) for script in SCRIPTS}
+    trees = {script: OmegaConf.to_container(compose(ALL[script], []), resolve=False) for script in SCRIPTS}
     for group in GROUPS:
         for path in sorted((ROOT / "config" / group).glob("*.yaml")):
             trees[f"{group}={path.stem}"] = {group: OmegaConf.to_container(OmegaConf.load(path), resolve=False)}

@@ -308,14 +308,15 @@ def test_virtual_steps_leave_batch_norm_running_statistics_untouched(first_order
 
 def make_job(method, tmp_path, **overrides):
     from engine import Session, compose
-    from engine.script import Script
+    from methods.scripts import SCRIPTS
+    from dataclasses import replace
 
     settings = {"method": method, "model.width_mult": 1 / 16, "batch_size": 20, "device": "cpu",
                 "num_workers": 0, "dataset": "cifar100", "channels_last": False, **overrides}
-    cfg = compose("maxl_train", [f"{k}={v}" for k, v in settings.items()])
+    cfg = compose(SCRIPTS["maxl_train"], [f"{k}={v}" for k, v in settings.items()])
     data = cifar_like()
     data.train_images = np.random.default_rng(0).integers(0, 256, data.train_images.shape, dtype=np.uint8)
-    return maxl.MaxlJob(cfg, data, Session(cfg, tmp_path, Script("maxl_train", lr_key="lr", writes_checkpoints=False)))
+    return maxl.MaxlJob(cfg, data, Session(cfg, tmp_path, replace(SCRIPTS["maxl_train"], writes_checkpoints=False)))
 
 
 @pytest.mark.parametrize("method, with_cossim", [("maxl", False), ("maxl", True), ("human", True),

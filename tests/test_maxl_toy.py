@@ -17,7 +17,8 @@ import torch
 import methods.maxl as maxl
 from dataset.hierarchical import HierarchicalData, image_transform
 from engine import Session, compose
-from engine.script import Script
+from methods.scripts import SCRIPTS
+from dataclasses import replace
 
 COLOURS = np.array([[200, 60, 60], [60, 200, 60], [60, 60, 200]], float)
 SIDES, TRAIN_PER_FINE, TEST_PER_FINE, SIZE, NOISE = 3, 4, 30, 16, 60.0
@@ -49,9 +50,9 @@ def final_accuracy(method: str, seed: int, tmp_path) -> float:
                 "gen_lr": 0.1, "seed": seed, "device": "cpu", "threads": 1, "num_workers": 0, "progress": False,
                 "channels_last": False, "dataset": "synthetic_hier", "dataset.crop_padding": 0,
                 "dataset.hflip": False, "primary_level": SIDES, "auxiliary_level": SIDES * SIDES}
-    cfg = compose("maxl_train", [f"{k}={v}" for k, v in settings.items()])
+    cfg = compose(SCRIPTS["maxl_train"], [f"{k}={v}" for k, v in settings.items()])
     job = maxl.MaxlJob(cfg, data, Session(cfg, tmp_path / method / str(seed),
-                                          Script("maxl_train", lr_key="lr", writes_checkpoints=False)))
+                                          replace(SCRIPTS["maxl_train"], writes_checkpoints=False)))
     transform = image_transform(cfg.dataset, SIZE, train=False)  # no augmentation: crop padding 0, no flip
     x_train, x_test = (transform(torch.from_numpy(images).permute(0, 3, 1, 2))
                        for images in (data.train_images, data.test_images))

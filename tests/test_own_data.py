@@ -6,6 +6,8 @@ import pickle
 import numpy as np
 import pytest
 from hydra import compose as hydra_compose, initialize_config_dir
+
+import methods.scripts  # noqa: F401  (registers the scripts' settings with Hydra)
 from PIL import Image
 
 from dataset import own_data

@@ -127,12 +127,12 @@ def maxl_fit(tmp_path, name, stop_at=None):
     """Build and fit a tiny MAXL job as maxl_train.py does; `stop_at` = (epoch, phase, step) sends SIGTERM there."""
     from dataset.hierarchical import load_hierarchical
     from engine.entry import compose
-    from engine.script import Script
+    from methods.scripts import SCRIPTS
     from engine.session import Session
     from methods.maxl import MaxlJob
 
-    cfg = compose("maxl_train", [*MAXL, "num_workers=0", "epochs=2", f"name={name}"])
-    session = Session(cfg, tmp_path / "logs" / name, Script("maxl_train", lr_key="lr"))
+    cfg = compose(SCRIPTS["maxl_train"], [*MAXL, "num_workers=0", "epochs=2", f"name={name}"])
+    session = Session(cfg, tmp_path / "logs" / name, SCRIPTS["maxl_train"])
     job = MaxlJob(cfg, load_hierarchical(cfg.dataset), session)
     if stop_at is not None:
         phases = job.phases

@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from engine.entry import CONFIG_DIR, compose
+from methods.scripts import SCRIPTS
 from methods import pipeline
 
 LEVEL_PAIRS = [(3, 10), (3, 20), (3, 100), (10, 20), (10, 100), (20, 100)]
@@ -57,7 +58,7 @@ def test_maxl_hierarchies_sweeps_the_six_level_pairs_four_methods_and_three_seed
     assert params["method"] == "single,human,random,maxl" and params["seed"] == "0,1,2"
     pairs = []
     for option in params["experiment/levels"].split(","):
-        cfg = compose("maxl_train", ["+experiment=maxl_hierarchies", f"experiment/levels={option}"])
+        cfg = compose(SCRIPTS["maxl_train"], ["+experiment=maxl_hierarchies", f"experiment/levels={option}"])
         assert cfg.dataset.name == "cifar100" and cfg.psi is None  # psi follows the hierarchy
         pairs.append((cfg.primary_level, cfg.auxiliary_level))
     assert pairs == LEVEL_PAIRS
@@ -68,7 +69,7 @@ def test_maxl_psi_sweeps_maxl_over_psi_with_single_as_reference(workspace):
     assert params["seed"] == "0,1,2"
     arms = []
     for option in params["experiment/psi"].split(","):
-        cfg = compose("maxl_train", ["+experiment=maxl_psi", f"experiment/psi={option}"])
+        cfg = compose(SCRIPTS["maxl_train"], ["+experiment=maxl_psi", f"experiment/psi={option}"])
         assert cfg.dataset.name == "cifar10"
         arms.append((cfg.method, cfg.psi))
     assert arms == [("single", None)] + [("maxl", k) for k in PSI]

@@ -7,9 +7,11 @@ import time
 
 import pytest
 
-from engine.config import RESUMABLE_CHANGES, settings_hash
+from engine.config import settings_hash
 from engine.entry import compose
+from methods.scripts import SCRIPTS as ALL
 from engine.errors import UserError
+from engine.settings import neutral_keys
 from engine.runs import LOCK_FILE, RunLock, clear_run, decide_resume, remove_interrupted_writes
 
 SCRIPTS = {"maxl_train": ["dataset=synthetic_hier"], "learn_meta_repr": ["dataset=synthetic_fs"],
@@ -19,7 +21,7 @@ LR_KEY = {"maxl_train": "lr"}
 
 
 def name(script, *overrides):
-    return compose(script, [*SCRIPTS[script], *overrides]).name
+    return compose(ALL[script], [*SCRIPTS[script], *overrides]).name
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))
@@ -53,7 +55,33 @@ def test_the_hash_is_stable_and_depends_only_on_the_changes():
     changed = settings_hash({**defaults, "a": 2}, defaults)
     assert changed == settings_hash({"c": "x", "b": [1, 2], "a": 2}, defaults) and len(changed) == 8
     assert changed != settings_hash({**defaults, "b": [2, 1]}, defaults)
-    assert {"epochs", "device", "num_workers", "progress", "resume", "overwrite"} <= RESUMABLE_CHANGES
+
+
+# The settings runs were always named without: a change here renames existing runs.
+NEUTRAL = {"resume", "overwrite", "epochs", "progress", "device", "num_workers", "workspace", "data_dir",
+           "checkpoint_dir", "compile", "threads", "checkpoint_every", "lock_stale_hours"}
+
+
+@pytest.mark.parametrize("script", list(SCRIPTS))
+def test_the_neutral_settings_are_those_run_names_always_left_out(script):
+    assert neutral_keys(ALL[script].settings) == (NEUTRAL - {"epochs"} if script == "meta_eval" else NEUTRAL)
+
+
+@pytest.mark.parametrize("script, overrides, expected", [  # names derived before the settings moved to the code
+    ("maxl_train", ["lr=0.02"], "maxl_cifar100_20-100_vgg16_w1.0_s0_a36fb820"),
+    ("maxl_train", ["method=single", "seed=3"], "single_cifar100_20-100_vgg16_w1.0_s3_14d22404"),
+    ("learn_meta_repr", ["seed=2", "n_ways=4"],
+     "resnet12_mixed_nways4_nshots5_data-aug_no-replace_5_meta_repr_s2_8e44475f"),
+    ("learn_labeler", ["K=30", "n_ways=3", "pretrained_labeler=x"],
+     "labeler_resnet12_mixed_nways3_nshots5_no-replace_q3.5_3_s0_9dc39173"),
+    ("meta_eval", ["pretrained_model=abc", "n_ways=3"], "meta_eval_resnet12_mixed_nways3_1_s0_45351525"),
+    ("sup_baseline", ["val_n_shots=[1,5]", "test_db_size=10"],
+     "resnet12_mixed_nways5_data-aug_rot-aug_5_sup_base_s0_a4776d1b"),
+    ("fine_tune", ["model.width_mult=0.5", "dataset=digits"],
+     "resnet12_digits_nways5_nshots5_data-aug_no-replace_2_fine_tune_s0_30aa955a"),
+])
+def test_derived_names_are_unchanged(script, overrides, expected, workspace):
+    assert compose(ALL[script], overrides).name == expected
 
 
 def cfg_for(tmp_path, **values):

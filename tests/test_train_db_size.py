@@ -9,6 +9,7 @@ import pytest
 from dataset.fewshot import FlatDataset, SubDataset, TaskDataset, make_tasks
 from dataset.fewshot.tasks import DEFAULT_RANDOM_TASKS
 from engine import compose
+from methods.scripts import SCRIPTS
 
 N, K, Q = 3, 1, 3
 
@@ -62,7 +63,7 @@ def test_random_tasks_default_to_2800_per_sub_dataset(caplog):
 
 @pytest.mark.parametrize("script", ["learn_meta_repr", "learn_labeler", "fine_tune"])
 def test_configs_default_to_the_whole_partition_and_name_a_cap(script):
-    default = compose(script, [])
+    default = compose(SCRIPTS[script], [])
     assert default.train_db_size is None and default.no_replacement is True
     assert not re.search(r"_f(\d|None)", default.run_prefix)
-    assert "_f300_" in compose(script, ["train_db_size=300"]).run_prefix
+    assert "_f300_" in compose(SCRIPTS[script], ["train_db_size=300"]).run_prefix

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from engine import compose
+from methods.scripts import SCRIPTS
 from engine.errors import UserError
-from engine.script import Script
+from dataclasses import replace
 from engine.session import Session
 from engine.trainer import Phase, TrainingJob
 
@@ -45,7 +46,7 @@ class ToyJob(TrainingJob):
 
 
 def fit(tmp_path, job_class, spec, epochs=2, overwrite=True, **kwargs):
-    cfg = compose("maxl_train", ["device=cpu", "num_workers=0", "progress=false", f"epochs={epochs}",
+    cfg = compose(SCRIPTS["maxl_train"], ["device=cpu", "num_workers=0", "progress=false", f"epochs={epochs}",
                                  "name=toy", f"overwrite={overwrite}"])
     session = Session(cfg, tmp_path / "run", spec)
     try:
@@ -55,50 +56,50 @@ def fit(tmp_path, job_class, spec, epochs=2, overwrite=True, **kwargs):
 
 
 def test_session_keeps_the_script_name_and_its_spec(tmp_path, workspace):
-    spec = Script("maxl_train", lr_key="lr")
+    spec = SCRIPTS["maxl_train"]
     summary, session = fit(tmp_path, ToyJob, spec)
     assert session.script == "maxl_train" and session.spec is spec
     assert torch.load(session.checkpoint_dir / "last.pt", weights_only=True)["script"] == "maxl_train"
 
 
 def test_skipped_steps_count_only_when_the_job_names_them(tmp_path, workspace):
-    fit(tmp_path, ToyJob, Script("maxl_train"), skip_from=1)  # not named: the key's name means nothing
+    fit(tmp_path, ToyJob, replace(SCRIPTS["maxl_train"], lr_key=None), skip_from=1)  # not named: the key's name means nothing
 
     class Named(ToyJob):
         skipped_steps_metric = "train/skipped_steps"
 
     with pytest.raises(UserError) as diverged:
-        fit(tmp_path, Named, Script("maxl_train"), skip_from=1)
+        fit(tmp_path, Named, replace(SCRIPTS["maxl_train"], lr_key=None), skip_from=1)
     assert str(diverged.value).startswith("the loss was not finite in 4 of 4 steps of epoch 2/2 (train): the run "
                                           "diverged; lower the learning rate and start again with overwrite=true")
 
 
 def test_a_nonfinite_loss_names_the_epoch_from_1_and_the_scripts_lr_key(tmp_path, workspace):
     with pytest.raises(UserError) as diverged:
-        fit(tmp_path, ToyJob, Script("maxl_train", lr_key="lr"), nan_from=1)
+        fit(tmp_path, ToyJob, SCRIPTS["maxl_train"], nan_from=1)
     assert str(diverged.value).startswith("train/loss is not finite at epoch 2/2 step 0 (train): the run diverged; "
                                           "lower lr (now 0.01) and start again")
     assert "the last good checkpoint" in str(diverged.value)
 
 
 def test_the_headline_goes_into_summary_json_when_the_job_has_one(tmp_path, workspace):
-    summary, session = fit(tmp_path, ToyJob, Script("maxl_train"))
+    summary, session = fit(tmp_path, ToyJob, replace(SCRIPTS["maxl_train"], lr_key=None))
     assert "headline" not in json.loads((session.run_dir / "summary.json").read_text())
 
     class Headlined(ToyJob):
         headline = ["score_last"]
 
-    summary, session = fit(tmp_path, Headlined, Script("maxl_train"))
+    summary, session = fit(tmp_path, Headlined, replace(SCRIPTS["maxl_train"], lr_key=None))
     written = json.loads((session.run_dir / "summary.json").read_text())
     assert written["headline"] == summary["headline"] == ["score_last"] and written["score_last"] == 1.0
     assert written["checkpoints"] == {"best": {"score": 1.0}}
 
 
 def test_resume_messages_count_epochs_from_1(tmp_path, workspace, caplog):
-    fit(tmp_path, ToyJob, Script("maxl_train"), epochs=1)
+    fit(tmp_path, ToyJob, replace(SCRIPTS["maxl_train"], lr_key=None), epochs=1)
     with caplog.at_level("INFO", logger="metalabel"):
-        fit(tmp_path, ToyJob, Script("maxl_train"), epochs=2, overwrite=False)
-        fit(tmp_path, ToyJob, Script("maxl_train"), epochs=2, overwrite=False)
+        fit(tmp_path, ToyJob, replace(SCRIPTS["maxl_train"], lr_key=None), epochs=2, overwrite=False)
+        fit(tmp_path, ToyJob, replace(SCRIPTS["maxl_train"], lr_key=None), epochs=2, overwrite=False)
     resumed = [r.getMessage().split(" from ")[0] for r in caplog.records if r.getMessage().startswith("resumed")]
     assert resumed == ["resumed at epoch 2/2 step 0", "resumed after epoch 2, the last of 2"]
     assert any(r.getMessage().startswith("epoch 2/2 (") for r in caplog.records)

@@ -3,16 +3,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from dataset.catalog import DATASET_CONFIGS, dataset_names
 from engine.errors import UserError
 from engine.workspace import data_root
-
-DATASET_CONFIGS = Path(__file__).resolve().parents[2] / "config" / "dataset"
 
 
 def mela_dataset_names() -> list[str]:
     """The `dataset=` choices with a MeLa view (`supports` lists mela)."""
-    return sorted(path.stem for path in DATASET_CONFIGS.glob("*.yaml")
-                  if "mela" in (OmegaConf.load(path).get("supports") or []))
+    return dataset_names("mela")
 
 
 def dataset_config(name: str, data_dir: Path | None = None, **overrides) -> DictConfig:
