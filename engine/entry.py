@@ -17,12 +17,11 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
 from engine.config import prepare  # importing engine.config registers the run-name resolvers
-from engine.errors import RunInterrupted, UserError
+from engine.errors import ERROR_FILE, RunInterrupted, UserError
 from engine.session import Session
 from engine.workspace import workspace_root
 
 log = logging.getLogger("metalabel")
-ERROR_FILE = "error.txt"  # in the folder of a sweep's failed job
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 RUN_STAMP = "METALABEL_RUN_STAMP"
