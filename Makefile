@@ -29,7 +29,7 @@ demo: demo_maxl demo_mela
 demo_maxl: setup
 	for method in single human maxl; do \
 	  $(PY) maxl_train.py method=$$method $(DEMO_MAXL) hydra.run.dir=logs/demo/maxl/$$method || exit 1; done
-	$(PY) -m engine.report logs/demo/maxl/single logs/demo/maxl/human logs/demo/maxl/maxl \
+	$(PY) -m tools.report logs/demo/maxl/single logs/demo/maxl/human logs/demo/maxl/maxl \
 	  --metric test/acc_last --metric test/acc_best --metric test/acc_last5_mean --plot logs/demo/maxl/test_accuracy.png
 
 bench: bench_maxl bench_mela bench_data   # options: BENCH_MAXL_ARGS, BENCH_MELA_ARGS, BENCH_DATA_ARGS
@@ -43,23 +43,23 @@ bench_maxl: setup
 # <NAME>_<dataset>_<model>_<step>_s<seed>; the same command again skips the finished steps.
 DATASET ?= synthetic_fs
 pipeline: setup
-	$(PY) -m methods.pipeline --dataset $(DATASET) $(if $(NAME),--name $(NAME)) -- $(ARGS)
+	$(PY) -m tools.pipeline --dataset $(DATASET) $(if $(NAME),--name $(NAME)) -- $(ARGS)
 
 # digits: classes 0-3 / 4-6 / 7-9, so 3-way tasks; the labeler needs more tasks than K / n_ways, hence random ones.
 DEMO_MELA := model.width_mult=0.5 device=cpu num_workers=0 progress=false overwrite=true n_ways=3 val_n_ways=3 \
   test_db_size=300 learn_meta_repr:epochs=20 learn_labeler:epochs=6 sup_baseline:epochs=6 \
   learn_labeler:no_replacement=false learn_labeler:train_db_size=20 K=30
 demo_mela: setup
-	$(PY) -m methods.pipeline --dataset digits --name demo -- $(DEMO_MELA)
+	$(PY) -m tools.pipeline --dataset digits --name demo -- $(DEMO_MELA)
 
 bench_mela: setup
 	$(PY) bench/bench_mela.py $(BENCH_MELA_ARGS)
 
 download_cifar100: setup
-	$(PY) -m dataset.cifar100 --download
+	$(PY) -m tools.download cifar100
 
 download_cifar10: setup
-	$(PY) -m dataset.cifar100 --download --cifar10
+	$(PY) -m tools.download cifar10
 
 # ---- MeLa data ----------------------------------------------------------------------------------------------
 # The workspace and the original archives: WORKSPACE defaults to ./workspace (unset or empty; a trailing slash is fine);
@@ -69,7 +69,7 @@ MELA_DATA_DIR = $(MELA_WORKSPACE)/metaL_data
 MELA_DOWNLOADS := download_aircraft download_cu_birds download_vgg_flower download_miniimagenet download_mini60 \
   download_tieredimagenet download_tiered780
 # DOWNLOAD_ARGS='--sha256 NAME=HEX --checksums FILE' pins the archives' checksums (docs/data_downloads.md).
-DOWNLOAD := $(PY) -m dataset.downloads --data-dir "$(MELA_DATA_DIR)" download --mirror "$(METALABEL_MIRROR)" $(DOWNLOAD_ARGS)
+DOWNLOAD := $(PY) -m tools.download --data-dir "$(MELA_DATA_DIR)" download --mirror "$(METALABEL_MIRROR)" $(DOWNLOAD_ARGS)
 
 .PHONY: initialize_workspace download_all $(MELA_DOWNLOADS) unpack_datasets bench_data
 
@@ -83,7 +83,7 @@ $(MELA_DOWNLOADS): setup
 	$(DOWNLOAD) $(@:download_%=%)
 
 unpack_datasets: setup
-	$(PY) -m dataset.downloads --data-dir "$(MELA_DATA_DIR)" unpack
+	$(PY) -m tools.download --data-dir "$(MELA_DATA_DIR)" unpack
 
 bench_data: setup
 	$(PY) bench/bench_data.py $(BENCH_DATA_ARGS)
@@ -104,13 +104,13 @@ MODELS ?= resnet12 resnet18
 $(MAXL_STUDIES): setup
 	dir="$(or $(STUDY_DIR),logs/studies/$@/$(STUDY_STAMP))"; \
 	$(PY) maxl_train.py -m +experiment=$@ hydra.sweep.dir="$$dir" $(if $(SEEDS),seed=$(SEEDS)) $(ARGS) || failed=1; \
-	$(PY) -m engine.report "$$dir" $(REPORT_$@) --csv "$$dir/table.csv" --json "$$dir/table.json" \
+	$(PY) -m tools.report "$$dir" $(REPORT_$@) --csv "$$dir/table.csv" --json "$$dir/table.json" \
 	  --plot "$$dir/test_accuracy.png" && exit $${failed:-0}
 
 mela_study: setup
 	name="$(or $(NAME),mela_study)"; dir="$(or $(STUDY_DIR),logs/pipeline/$(or $(NAME),mela_study))"; \
-	$(PY) -m methods.pipeline --name "$$name" --out "$$dir" --dataset $(DATASETS) --model $(MODELS) \
+	$(PY) -m tools.pipeline --name "$$name" --out "$$dir" --dataset $(DATASETS) --model $(MODELS) \
 	  --seed $(if $(SEEDS),$(SEEDS),0 1 2) -- $(ARGS) || failed=1; \
-	$(PY) -m engine.report "$$dir/*/eval" --compare evaluated=learn_labeler evaluated=learn_meta_repr \
+	$(PY) -m tools.report "$$dir/*/eval" --compare evaluated=learn_labeler evaluated=learn_meta_repr \
 	  --compare evaluated=fine_tune evaluated=sup_baseline --csv "$$dir/table.csv" --json "$$dir/table.json" && \
-	$(PY) -m engine.report "$$dir/*/train" --plot "$$dir/validation.png" && exit $${failed:-0}
+	$(PY) -m tools.report "$$dir/*/train" --plot "$$dir/validation.png" && exit $${failed:-0}

@@ -21,7 +21,9 @@ def main(cfg, session):
         about = {"checkpoint": str(path), "script": payload["script"], "epoch": payload["epoch"], "split": cfg.split,
                  "n_ways": cfg.n_ways, "n_queries": cfg.n_queries, "tasks_per_sub_dataset": cfg.test_db_size}
         saved = {k: {name: {"mean": m, "ci95": h} for name, (m, h) in per.items()} for k, per in results.items()}
-        (session.run_dir / "results.json").write_text(json.dumps({**about, "results": saved}, indent=2))
+        headline = [f"{cfg.split}/{k}shot" for k in results]  # the report's default metrics
+        (session.run_dir / "results.json").write_text(json.dumps({**about, "headline": headline, "results": saved},
+                                                                 indent=2))
         with open(session.run_dir / "results.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["shots", "sub_dataset", "mean", "ci95"])

@@ -1,10 +1,9 @@
 """CIFAR-100 in its official python-pickle layout, with the 4-level hierarchy MAXL uses, and a generated
 stand-in in the same layout (`synthetic_hier`).
 
-`python -m dataset.cifar100 --download` fetches the archive with torchvision (md5-checked) into
-`$WORKSPACE/metaL_data/cifar-100-python` (also `--cifar10` for CIFAR-10, the flat dataset of the psi sweep).
+`download` fetches the archive with torchvision (md5-checked), e.g. into `$WORKSPACE/metaL_data/cifar-100-python`
+(`python -m tools.download cifar100`; `cifar10` for CIFAR-10, the flat dataset of the psi sweep).
 """
-import argparse
 import os
 import pickle
 import shutil
@@ -75,18 +74,3 @@ def download(data_dir: Path, cifar10: bool) -> Path:
     cls = torchvision.datasets.CIFAR10 if cifar10 else torchvision.datasets.CIFAR100
     dataset = cls(root=str(data_dir), train=True, download=True)
     return Path(dataset.root) / dataset.base_folder
-
-
-def main():
-    from engine.workspace import data_root
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--download", action="store_true", help="download and md5-check the archive")
-    parser.add_argument("--cifar10", action="store_true", help="CIFAR-10 instead of CIFAR-100")
-    args = parser.parse_args()
-    if args.download:
-        print(f"ready: {download(data_root(), args.cifar10)}")
-
-
-if __name__ == "__main__":
-    main()

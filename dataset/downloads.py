@@ -1,24 +1,20 @@
-"""Download, check and unpack the MeLa archives (the Makefile's download_* and unpack_datasets targets).
+"""Download, check and unpack the MeLa archives: the library behind `python -m tools.download` (the Makefile's
+download_* and unpack_datasets targets), which datasets may use too.
 
-    python -m dataset.downloads download [--data-dir DIR] [--mirror URL] [--sha256 NAME=HEX]... [--checksums FILE]
-                                         NAME... (or: all)
-    python -m dataset.downloads unpack [--data-dir DIR]
+The addresses are `ARCHIVES` (the original figshare links); with a mirror (`--mirror`, or $METALABEL_MIRROR) archive
+NAME is fetched from <mirror>/NAME.tar.gz instead (`archive_url`).
 
-DIR defaults to $WORKSPACE/metaL_data. The addresses are `ARCHIVES` (the original figshare links); with a mirror
-(`--mirror`, or $METALABEL_MIRROR) archive NAME is fetched from <mirror>/NAME.tar.gz instead.
-
-download: into NAME.tar.gz.part (the server's ETag / Last-Modified in NAME.tar.gz.part.json), renamed to NAME.tar.gz
-only after the whole archive was read through (gzip CRC and length, every tar header, the end-of-archive blocks)
-and matched any pinned checksum (--sha256, --checksums); its size and sha256 then go to the manifest
-NAME.tar.gz.sha256. An interrupted transfer resumes with Range + If-Range, so a file that changed on the server
-starts over from the first byte. An existing NAME.tar.gz is skipped only once it matches its manifest (or, without
-one, once it has been read through). One summary line per archive; exit status 1 if any failed.
-unpack: every archive in DIR, once (the marker .NAME.unpacked lists its members). Every member is checked before
-anything is written: only plain files and directories, at relative paths without '..' (no links, devices or
-FIFOs); the archive is then extracted into a temporary folder inside DIR and moved into place, so a refused or
-broken archive leaves nothing behind. One line per archive says what it created.
+`download`: into NAME.tar.gz.part (the server's ETag / Last-Modified in NAME.tar.gz.part.json), renamed to
+NAME.tar.gz only after the whole archive was read through (gzip CRC and length, every tar header, the end-of-archive
+blocks) and matched any pinned checksum (`pinned_checksums`: --sha256, --checksums); its size and sha256 then go to
+the manifest NAME.tar.gz.sha256. An interrupted transfer resumes with Range + If-Range, so a file that changed on
+the server starts over from the first byte. An existing NAME.tar.gz is skipped only once it matches its manifest
+(or, without one, once it has been read through). Each call returns one summary line.
+`unpack`: one archive, once (the marker .NAME.unpacked lists its members). Every member is checked before anything
+is written: only plain files and directories, at relative paths without '..' (no links, devices or FIFOs); the
+archive is then extracted into a temporary folder inside the data folder and moved into place, so a refused or
+broken archive leaves nothing behind. It returns one line saying what it created.
 """
-import argparse
 import filecmp
 import glob
 import gzip
@@ -27,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -41,7 +36,6 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from engine.errors import UserError
-from engine.workspace import data_root
 
 FIGSHARE = "https://figshare.com/ndownloader/files"
 ARCHIVES = {  # archive name -> the original address
@@ -592,59 +586,3 @@ def unpack(archive: Path, data_dir: Path) -> str:
     marker.write_text("".join(f"{m.name}\n" for m in members))
     files = [m for m in members if m.isreg()]
     return f"{archive.name}: {len(files)} files, {_size(sum(m.size for m in files))} -> created {created or 'nothing'}"
-
-
-# ---- Command line -------------------------------------------------------------------------------------------------
-
-def _run_each(items, action, label) -> int:
-    """Apply `action` to every item, printing one line each; returns how many failed."""
-    failed = 0
-    for item in items:
-        try:
-            print(action(item), flush=True)
-        except UserError as exc:
-            failed += 1
-            print(f"{label(item)}: FAILED: {exc}", flush=True)
-    return failed
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: $WORKSPACE/metaL_data")
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("download", help="download archives (names, or all)")
-    fetch.add_argument("names", nargs="+")
-    fetch.add_argument("--mirror", default=os.environ.get(MIRROR_VARIABLE) or None,
-                       help=f"base address serving <name>.tar.gz (default: ${MIRROR_VARIABLE}, else the originals)")
-    fetch.add_argument("--sha256", action="append", default=[], metavar="NAME=HEX",
-                       help="the archive must have this sha256 (repeatable)")
-    fetch.add_argument("--checksums", type=Path, default=None, metavar="FILE",
-                       help="sha256sum-style file of '<sha256>  <name>.tar.gz' lines the archives must match")
-    commands.add_parser("unpack", help="extract every archive in the data directory once")
-    args = parser.parse_args(argv)
-    data_dir = (args.data_dir or data_root()).expanduser().resolve()
-    try:
-        if args.command == "download":
-            names = archive_names(args.names)
-            pins = pinned_checksums(args.sha256, args.checksums)
-            failed = _run_each(names, lambda name: download(name, archive_url(name, args.mirror), data_dir,
-                                                            pins.get(name)), str)
-            total = len(names)
-        else:
-            if not data_dir.is_dir():
-                raise UserError(f"{data_dir} does not exist: run `make download_all` first")
-            archives = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
-            if not archives:
-                raise UserError(f"no archives ({', '.join(ARCHIVE_SUFFIXES)}) in {data_dir}: run `make download_all`")
-            failed = _run_each(archives, lambda archive: unpack(archive, data_dir), lambda archive: archive.name)
-            total = len(archives)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if failed:
-        print(f"error: {failed} of {total} failed (see above)", file=sys.stderr)
-    return 1 if failed else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from engine.config import CONFIG_DIR, SCRIPTS, validate_and_name  # importing engine.config registers the run-name resolvers
-from engine.errors import RunInterrupted, UserError
+from engine.errors import ERROR_FILE, RunInterrupted, UserError
 from engine.help import register_help
 from engine.script import Script
 from engine.session import Session
@@ -27,7 +27,6 @@ from engine.settings import defaults
 from engine.workspace import workspace_root
 
 log = logging.getLogger("metalabel")
-ERROR_FILE = "error.txt"  # in the folder of a sweep's failed job
 
 RUN_STAMP = "METALABEL_RUN_STAMP"
 

@@ -1,4 +1,7 @@
-"""Errors a user can fix: printed as one line, the run exits with status 1; and a run's orderly interruption."""
+"""Errors a user can fix: printed as one line, the run exits with status 1; and a run's orderly interruption.
+Standard library only: command-line tools (tools/) import it without the training runtime."""
+
+ERROR_FILE = "error.txt"  # in the folder of a sweep's failed job (engine.entry writes it, tools.report reads it)
 
 
 class UserError(Exception):

@@ -81,6 +81,21 @@ class MetricsWriter:
         self.tensorboard.close()
 
 
+def mean_ci95(values, confidence: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the two-sided t-interval of the mean): sem * t.ppf((1 + confidence) / 2, n - 1), with
+    sem = s / sqrt(n) and s the sample standard deviation (ddof=1). The half-width is NaN for n < 2, the mean NaN for
+    n = 0. The one interval of the project: few-shot tasks (methods.fewshot_eval) and seeds (tools.report)."""
+    import numpy as np
+    import scipy.stats
+
+    values = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64)
+    n = len(values)
+    mean = float(values.mean()) if n else math.nan
+    if n < 2:
+        return mean, math.nan
+    return mean, float(scipy.stats.sem(values) * scipy.stats.t.ppf((1 + confidence) / 2, n - 1))
+
+
 def read_metrics(csv_path: Path) -> list[dict]:
     """The rows of a metrics CSV, numbers parsed (for tests and reports)."""
     with open(csv_path) as handle:

@@ -8,15 +8,13 @@ of each class (its images in index order), all without replacement; so task i is
 same labels, and the same for every model, run and worker. A scikit-learn LogisticRegression(C, lbfgs,
 max_iter=1000, fit_intercept) is fit on the support set's features in float64 (as the original hands it numpy
 float64 arrays); the score is the query accuracy (0-1). Results are the mean and the 95% t-interval half-width
-sem * t.ppf(0.975, n-1), per sub-dataset and over all tasks together.
+sem * t.ppf(0.975, n-1) (`engine.metrics.mean_ci95`), per sub-dataset and over all tasks together.
 """
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import joblib
 import numpy as np
-import scipy.stats
 import torch
 import torch.nn.functional as F
 from joblib import Parallel, delayed
@@ -24,6 +22,7 @@ from sklearn.linear_model import LogisticRegression
 
 from engine.distributed import gather_objects, is_distributed
 from engine.errors import UserError
+from engine.metrics import mean_ci95
 from engine.settings import POSITIVE, POSITIVE_INT, Boolean, IntegerList, setting
 
 NORM_EPS = 1e-8
@@ -144,15 +143,6 @@ def task_accuracies(features: torch.Tensor, labels: torch.Tensor, n_ways: int, n
     return every
 
 
-def mean_confidence_interval(scores: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
-    """(mean, half-width of the two-sided t-interval): sem * t.ppf((1 + confidence) / 2, n - 1)."""
-    scores = np.asarray(scores, dtype=np.float64)
-    if len(scores) < 2:
-        return float(scores.mean()), math.nan
-    half = scipy.stats.sem(scores) * scipy.stats.t.ppf((1 + confidence) / 2, len(scores) - 1)
-    return float(scores.mean()), float(half)
-
-
 def evaluate_splits(splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], n_ways: int, shots: Sequence[int],
                     n_queries: int, n_tasks: int, C: float = 1.0, use_bias: bool = True,
                     n_jobs: int = 1) -> dict[int, dict[str, tuple[float, float]]]:
@@ -163,8 +153,8 @@ def evaluate_splits(splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], n_w
         per_split = {name: task_accuracies(features, labels, n_ways, n_shots, n_queries, n_tasks, C, use_bias,
                                            n_jobs, split=name)
                      for name, (features, labels) in splits.items()}
-        results[n_shots] = {name: mean_confidence_interval(scores) for name, scores in per_split.items()}
-        results[n_shots]["overall"] = mean_confidence_interval(np.concatenate(list(per_split.values())))
+        results[n_shots] = {name: mean_ci95(scores) for name, scores in per_split.items()}
+        results[n_shots]["overall"] = mean_ci95(np.concatenate(list(per_split.values())))
     return results
 
 
@@ -209,22 +199,3 @@ def read_results(path) -> dict[int, dict[str, tuple[float, float]]]:
 
     saved = json.loads(open(path).read())["results"]
     return {int(k): {name: (v["mean"], v["ci95"]) for name, v in per.items()} for k, per in saved.items()}
-
-
-def main(argv=None):
-    """`python -m methods.fewshot_eval RUN_DIR ...`: one table of several meta_eval runs (overall rows)."""
-    import argparse
-    from pathlib import Path
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("runs", nargs="+", type=Path, help="meta_eval run directories (holding results.json)")
-    parser.add_argument("--sub-datasets", action="store_true", help="also a row per sub-dataset")
-    args = parser.parse_args(argv)
-    missing = [str(run) for run in args.runs if not (run / "results.json").is_file()]
-    if missing:
-        raise SystemExit(f"error: no results.json in {', '.join(missing)}: give meta_eval.py run directories")
-    print(results_table({run.name: read_results(run / "results.json") for run in args.runs}, args.sub_datasets))
-
-
-if __name__ == "__main__":
-    main()

@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 import dataset.downloads as downloads
-from dataset.downloads import download, main, read_manifest
+from dataset.downloads import download, read_manifest
 from engine.errors import UserError
 from mela_data_layouts import write_mini_imagenet, write_ximagenet
+from tools.download import main
 
 REPO = Path(__file__).resolve().parents[1]
 HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>figshare</title></head><body>Log in</body></html>"
@@ -393,3 +394,14 @@ def test_initialize_workspace_with_any_posix_shell(tmp_path):
     assert make("initialize_workspace", cwd=tmp_path).returncode == 0  # WORKSPACE unset: ./workspace
     assert (tmp_path / "workspace" / "metaL_data").is_dir()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "workspace"]
+
+
+def test_cifar_commands_fetch_into_the_data_dir(monkeypatch, tmp_path, capsys):
+    """`python -m tools.download cifar100 | cifar10` (make download_cifar100 / download_cifar10): torchvision's
+    download into the data directory (replaced here, so nothing is fetched)."""
+    calls = []
+    monkeypatch.setattr("dataset.cifar100.download", lambda data_dir, cifar10: calls.append((data_dir, cifar10))
+                        or data_dir / "cifar")
+    assert main(["--data-dir", str(tmp_path), "cifar10"]) == 0 and main(["--data-dir", str(tmp_path), "cifar100"]) == 0
+    assert calls == [(tmp_path.resolve(), True), (tmp_path.resolve(), False)]
+    assert capsys.readouterr().out.splitlines() == [f"ready: {tmp_path.resolve() / 'cifar'}"] * 2

@@ -1,4 +1,5 @@
 """Few-shot evaluation: features, seeded tasks, scikit-learn logistic regression, t-intervals, bad requests."""
+import json
 from types import SimpleNamespace
 
 import joblib
@@ -12,9 +13,10 @@ from sklearn.linear_model import LogisticRegression
 
 from dataset.fewshot import FlatDataset, ImageTransform
 from engine.errors import UserError
-from methods.fewshot_eval import (TaskSampler, evaluate_splits, extract_features, flat_metrics,
-                                  mean_confidence_interval, task_accuracies)
+from engine.metrics import mean_ci95
+from methods.fewshot_eval import TaskSampler, evaluate_splits, extract_features, flat_metrics, task_accuracies
 from methods.mela import gathered_features
+from tools import fewshot_table
 
 
 def split_features(n_classes=8, per_class=25, dim=12, seed=0):
@@ -159,17 +161,34 @@ def test_parallel_tasks_give_identical_results():
 
 def test_interval_equals_scipy_t_interval():
     scores = np.random.default_rng(0).uniform(0.4, 0.9, size=37)
-    mean, half = mean_confidence_interval(scores)
+    mean, half = mean_ci95(scores)
     low, high = scipy.stats.t.interval(0.95, len(scores) - 1, loc=scores.mean(), scale=scipy.stats.sem(scores))
     assert mean == pytest.approx(scores.mean()) and half == pytest.approx((high - low) / 2)
+    assert mean_ci95(list(scores)) == (mean, half)  # a list, an array: the same numbers
+    mean, half = mean_ci95([0.5])
+    assert mean == 0.5 and np.isnan(half)
+
+
+def test_the_table_of_several_meta_eval_runs(tmp_path, capsys):
+    for name, accuracy in (("eval_a", 0.5), ("eval_b", 0.625)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps({"split": "test", "results": {
+            "5": {"overall": {"mean": accuracy, "ci95": 0.01}}}}))
+    fewshot_table.main([str(tmp_path / "eval_a"), str(tmp_path / "eval_b")])
+    lines = capsys.readouterr().out.splitlines()
+    assert "5-shot" in lines[0] and lines[1].split() == ["eval_a", "50.00", "+-", "1.00"]
+    assert lines[2].split() == ["eval_b", "62.50", "+-", "1.00"]
+    with pytest.raises(SystemExit) as stop:
+        fewshot_table.main([str(tmp_path)])
+    assert stop.value.code == 1 and "no results.json in" in capsys.readouterr().err
 
 
 def test_overall_concatenates_the_splits_tasks():
     a, b = split_features(seed=1), split_features(n_classes=6, seed=2)
     results = evaluate_splits({"a": a, "b": b}, n_ways=5, shots=[1], n_queries=5, n_tasks=3)
     scores = np.concatenate([task_accuracies(*a, 5, 1, 5, 3), task_accuracies(*b, 5, 1, 5, 3)])
-    assert results[1]["overall"] == pytest.approx(mean_confidence_interval(scores))
-    assert results[1]["a"] == pytest.approx(mean_confidence_interval(scores[:3]))
+    assert results[1]["overall"] == pytest.approx(mean_ci95(scores))
+    assert results[1]["a"] == pytest.approx(mean_ci95(scores[:3]))
     assert set(flat_metrics(results)) == {"val/1shot/a", "val/1shot/a_ci95", "val/1shot/b", "val/1shot/b_ci95",
                                           "val/1shot/overall", "val/1shot/overall_ci95"}
 

@@ -78,7 +78,7 @@ def test_meta_eval_prints_and_writes_intervals(chain):
                             cwd=root, workspace=workspace)
         assert result.returncode == 0, result.stderr
         saved = json.loads((root / f"eval_{name}" / "results.json").read_text())
-        assert set(saved["results"]) == {"1", "5"}
+        assert set(saved["results"]) == {"1", "5"} and saved["headline"] == ["test/1shot", "test/5shot"]
         for shots in ("1", "5"):
             overall = saved["results"][shots]["overall"]
             assert 0 <= overall["mean"] <= 1 and overall["ci95"] >= 0

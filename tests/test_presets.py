@@ -1,4 +1,4 @@
-"""The papers' studies: the Hydra presets sweep the papers' grids, the MeLa study driver (methods.pipeline) names,
+"""The papers' studies: the Hydra presets sweep the papers' grids, the MeLa study driver (tools.pipeline) names,
 places, skips and restarts its steps, and each study runs at toy scale through its make target, ending with the
 report's table, comparisons and figure."""
 import argparse
@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from conftest import ROOT
 from engine.entry import CONFIG_DIR, compose
 from methods.scripts import SCRIPTS
-from methods import pipeline
+from tools import pipeline
 
 LEVEL_PAIRS = [(3, 10), (3, 20), (3, 100), (10, 20), (10, 100), (20, 100)]
 PSI = [2, 5, 10, 20, 50, 100]

@@ -1,7 +1,9 @@
-"""engine.report on run folders written here with known metrics: groups, t-intervals, paired tests, files, errors."""
+"""tools.report on run folders written here with known metrics: groups, t-intervals, paired tests, files, errors."""
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +11,8 @@ import scipy.stats
 import torch
 import yaml
 
-from engine import report
+from conftest import ROOT
+from tools import report
 
 BASE = {"seed": 0, "device": "cpu", "num_workers": 0, "workspace": "/w", "method": "single", "lr": 0.01,
         "dataset": {"name": "synthetic_hier", "path": "/w/data"}, "model": {"name": "vgg16", "width_mult": 0.125}}
@@ -147,7 +150,7 @@ def test_a_choice_name_then_a_top_level_key_is_kept_over_a_key_inside_a_group(tm
     assert json.loads((tmp_path / "t.json").read_text())["settings"] == label
 
 
-def test_failed_unfinished_and_repeated_runs_are_listed_and_left_out(sweep, capsys):
+def test_failed_and_unfinished_runs_are_left_out_repeated_ones_kept_with_a_note(sweep, capsys):
     failed = sweep / "9_maxl_s9"
     failed.mkdir()
     (failed / "error.txt").write_text("overrides: method=maxl seed=9\nerror: psi has 3 entries\n")
@@ -158,13 +161,16 @@ def test_failed_unfinished_and_repeated_runs_are_listed_and_left_out(sweep, caps
     os.utime(retried / "error.txt", (1, 1))  # a first attempt failed, the second (in the same folder) finished
     broken = write_run(sweep / "13_maxl_s6", method="maxl", seed=6)
     (broken / "summary.json").write_text('{"test/acc')
-    out = run_report(capsys, sweep)
+    out = run_report(capsys, sweep, "--compare", "method=maxl", "method=single")
     assert f"note: failed job left out: {failed} (psi has 3 entries)" in out
     assert f"note: unfinished run left out (no summary.json or results.json): {sweep / '10_maxl_s8'}" in out
-    assert f"kept {sweep / '11_maxl_s0_again'}, left out {sweep / '3_maxl_s0'}" in out
+    assert (f"note: same settings and seed 0 in 2 run folders, all kept: {sweep / '3_maxl_s0'}, "
+            f"{sweep / '11_maxl_s0_again'}") in out
     assert f"note: unreadable run left out: {broken} (JSONDecodeError" in out
-    maxl = [0.99, ACC["maxl"][1], ACC["maxl"][2], ACC["maxl"][3], 0.6]
+    maxl = [ACC["maxl"][0], 0.99, ACC["maxl"][1], ACC["maxl"][2], ACC["maxl"][3], 0.6]  # both runs of seed 0
     assert f"{np.mean(maxl):.4f} +- {interval(maxl)[1] - np.mean(maxl):.4f}" in out
+    assert "9 runs in 2 groups" in out and "0,0,1,2,3,5" in out  # the count is what the table shows
+    assert "n=2 seeds (1,2)" in out and "seeds with several runs in a group, left out: 0" in out
 
 
 def test_meta_eval_runs_take_the_seed_and_settings_of_the_checkpoint_they_scored(tmp_path, capsys):
@@ -239,3 +245,77 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(sweep, tmp_path, capsy
 def test_globs_find_runs_at_any_depth(sweep, tmp_path, capsys):
     out = run_report(capsys, f"{tmp_path}/logs/**/*_single_s*")
     assert "3 runs in 1 groups" in out
+
+
+# ---- what tells runs apart: the engine's run identity ---------------------------------------------------------
+
+def fine_tune_runs(root, pretrained, seeds=(0, 1), **settings):
+    """fine_tune-like runs (val/5shot) started from `pretrained` (a run name with {seed}), one per seed."""
+    for seed in seeds:
+        write_run(root / f"{pretrained.format(seed='')}_{seed}", script="fine_tune", seed=seed,
+                  pretrained_model=pretrained.format(seed=seed), **settings,
+                  summary={"val/5shot": 0.5 + seed / 100, "val/5shot_ci95": 0.01})
+
+
+def test_runs_from_different_pretrained_models_are_different_groups(tmp_path, capsys):
+    """pretrained_model is in the engine's run name: fine_tune from two labelers is two settings, not one run."""
+    fine_tune_runs(tmp_path, "a_ll_s{seed}", seeds=(0,))
+    fine_tune_runs(tmp_path, "b_ll_s{seed}", seeds=(0,))
+    out = run_report(capsys, tmp_path, "--json", tmp_path / "t.json")
+    document = json.loads((tmp_path / "t.json").read_text())
+    assert document["settings"] == ["pretrained_model"] and [g["n"] for g in document["groups"]] == [1, 1]
+    assert [g["settings"]["pretrained_model"] for g in document["groups"]] == ["a_ll_s<seed>", "b_ll_s<seed>"]
+    assert "note:" not in out and "2 runs in 2 groups" in out
+
+
+def test_a_setting_in_the_run_name_splits_groups_one_it_may_change_when_continued_does_not(tmp_path, capsys):
+    """channels_last changes a run's name (two groups); device and num_workers do not (one group of two seeds)."""
+    for channels_last in (False, True):
+        for seed in (0, 1):
+            write_run(tmp_path / f"{channels_last}_{seed}", seed=seed, channels_last=channels_last,
+                      device=["cpu", "cuda"][seed], num_workers=seed, summary={"test/acc_last5_mean": 0.5})
+    run_report(capsys, tmp_path, "--json", tmp_path / "t.json")
+    document = json.loads((tmp_path / "t.json").read_text())
+    assert document["settings"] == ["channels_last"] and [g["seeds"] for g in document["groups"]] == [[0, 1]] * 2
+
+
+def test_chains_over_seeds_are_one_group_whose_inputs_follow_the_seed(tmp_path, capsys):
+    """The pipeline's fine_tune of seed s starts from the labeler of seed s: replicates of one setting."""
+    fine_tune_runs(tmp_path, "study_synthetic_fs_resnet12_learn_labeler_s{seed}", seeds=(0, 1, 2, 10))
+    out = run_report(capsys, tmp_path, "--json", tmp_path / "t.json")
+    [group] = json.loads((tmp_path / "t.json").read_text())["groups"]
+    assert group["seeds"] == [0, 1, 2, 10] and "4 runs in 1 groups" in out
+
+
+def test_a_run_folder_reached_twice_counts_once(sweep, capsys):
+    out = run_report(capsys, sweep / "0_single_s0", sweep / "0_single_s0", f"{sweep}/*_single_s0",
+                     sweep / "1_single_s1")
+    assert "2 runs in 1 groups" in out and "note:" not in out
+
+
+# ---- default metrics: the run's headline ------------------------------------------------------------------------
+
+def test_default_metrics_are_the_headline_the_run_names(tmp_path, capsys):
+    for seed in (0, 1):
+        write_run(tmp_path / f"maxl_{seed}", seed=seed, summary={"headline": ["test/acc_best"], "test/acc_best": 0.8,
+                                                                 "test/acc_last5_mean": 0.7})
+        write_run(tmp_path / f"eval_{seed}", script="meta_eval", seed=seed, results={
+            "checkpoint": str(tmp_path / "gone.pt"), "script": "fine_tune", "split": "val", "headline": ["val/5shot"],
+            "results": {shots: {"overall": {"mean": 0.6, "ci95": 0.02}} for shots in ("1", "5")}})
+    out = run_report(capsys, tmp_path, "--json", tmp_path / "t.json")
+    document = json.loads((tmp_path / "t.json").read_text())
+    assert document["metrics"] == ["val/5shot", "test/acc_best"] and "4 runs in 2 groups" in out
+    assert "note: same settings" not in out
+
+
+def test_runs_without_a_headline_keep_the_inferred_defaults():
+    assert report.legacy_headline({"test/acc_last5_mean": 0.7, "test/acc_best": 0.8}) == ["test/acc_last5_mean"]
+    assert report.legacy_headline({"val/1shot": 0.4, "val/1shot_ci95": 0.1, "val/5shot/aircraft": 0.5,
+                                   "val/5shot": 0.6, "epochs": 3}) == ["val/1shot", "val/5shot"]
+    assert report.headline({"headline": ["test/5shot"]}, {"test/1shot": 0.1}) == ["test/5shot"]
+
+
+def test_the_report_imports_neither_torch_nor_hydra():
+    code = "import sys, tools.report; print(sorted({'torch', 'hydra', 'torchvision'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -1,13 +1,13 @@
 """The whole MeLa chain with consistent arguments, then meta_eval of every stage, over datasets x models x seeds:
 
-    python -m methods.pipeline --dataset miniImageNet [tieredImageNet ...] [--model resnet12 resnet18 ...]
+    python -m tools.pipeline --dataset miniImageNet [tieredImageNet ...] [--model resnet12 resnet18 ...]
                                [--seed 0 1 2] [--name NAME] [--out DIR] [--python PY] -- key=value ...
 
 For every dataset, model and seed (one chain): learn_meta_repr -> learn_labeler (pretrained_labeler = step 1) ->
 fine_tune (pretrained_model = step 2), and sup_baseline (the oracle); then meta_eval of each of the four. A run is
 named `<NAME>_<dataset>_<model>_<step>_s<seed>` (NAME: pipeline unless given), so each step finds the previous
 one's checkpoint by name, and its run directory is `<DIR>/<dataset>_<model>_s<seed>/train/<step>/` (meta_eval's:
-`.../eval/<step>/`; DIR: logs/pipeline/<NAME> unless given), so `python -m engine.report '<DIR>/*/eval'` gives
+`.../eval/<step>/`; DIR: logs/pipeline/<NAME> unless given), so `python -m tools.report '<DIR>/*/eval'` gives
 the table over seeds. Without --model or --seed, the scripts' `model` and `seed` (or those among the overrides).
 
 Running the same command again continues the study: a training step whose run is finished (its last.pt holds the
@@ -215,7 +215,7 @@ def run_chain(chain: Chain, python: str) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tools.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", nargs="+", required=True, help="dataset= of every step (several: a loop)")
     parser.add_argument("--model", nargs="+", help="model= of every step (several: a loop)")
     parser.add_argument("--seed", nargs="+", help="seed= of every step (several: a loop)")
@@ -238,7 +238,7 @@ def main(argv=None):
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
     if len(study) > 1:
-        print(f"\n{len(study)} chains done: python -m engine.report '{study[0].folder.parent}/*/eval' tabulates "
+        print(f"\n{len(study)} chains done: python -m tools.report '{study[0].folder.parent}/*/eval' tabulates "
               f"them over seeds", flush=True)
 
 

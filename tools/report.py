@@ -1,29 +1,36 @@
 """Results over seeds: finished runs grouped by their settings, with means and 95% t-intervals over the seeds.
 
-    python -m engine.report PATH... [--metric KEY]... [--compare A B]... [--plot FILE] [--curve COLUMN]
+    python -m tools.report PATH... [--metric KEY]... [--compare A B]... [--plot FILE] [--curve COLUMN]
                                     [--csv FILE] [--json FILE]
 
 PATH is a run directory (it holds the config.yaml a script wrote), any folder holding run directories at any
 depth (a multirun folder, a study folder) or a quoted glob. Jobs that failed (their folder holds error.txt) and
 runs without results (no summary.json / results.json yet) are listed and left out.
 
-Runs are labelled by the settings that differ between the given runs (config.yaml leaves such as `method` or
-`dataset.name`; for meta_eval also `evaluated`, the step whose checkpoint it scored, and that checkpoint's own
-settings as `evaluated.<key>`), never by names or times. Settings that only name, place or speed up a run
-(`NOT_SETTINGS`) never count, and a differing setting that the others already imply (e.g. `model.drop_rate` when
-`model.name` differs too) is left out of the label. Runs whose labels are equal form a group: they differ only by
-seed. A meta_eval run's seed is that of the checkpoint it evaluated.
+A run is what the engine says it is: its settings are exactly those the engine hashes into a run's name
+(`engine.config.leaves`: every config.yaml leaf but the top-level keys of `engine.config.NOT_IN_HASH`: the seed,
+the name, paths, devices and other settings a run may change when continued), plus `script`; for meta_eval also
+`evaluated`, the step whose checkpoint it scored, and that checkpoint's own settings as `evaluated.<key>`. The
+seed is the replicate: a value that names another run of the same seed (`pretrained_model=..._s1` in the run of
+seed 1, as the MeLa pipeline chains its steps) is compared with the seed written as `_s<seed>`, so the chains of
+a study over seeds form one group. Runs are labelled by the settings that differ between the given runs, never by
+names or times; a differing setting that the others already imply (e.g. `model.drop_rate` when `model.name`
+differs too) is left out of the label. Runs whose settings are equal form a group: they differ only by seed. A
+meta_eval run's seed is that of the checkpoint it evaluated. A run folder reached twice (a path given twice, a
+glob and a folder) counts once; two folders with the same settings and seed are both kept, with a note.
 
-Default metric, per run: MAXL `test/acc_last5_mean` (the paper's: test accuracy averaged over the last 5
-epochs); meta_eval `<split>/<k>shot` for each shot count (accuracy over all tasks; `<split>/<k>shot/<sub>` per
-sub-dataset); MeLa training steps `val/<k>shot` (their summary's last validation). `--metric KEY` takes a key of
-summary.json, of results.json as named above, or a metrics.csv column (its last epoch's value).
+Default metrics, per run: the `headline` list its summary.json or results.json names (MAXL: test/acc_last5_mean,
+the test accuracy averaged over the last 5 epochs; meta_eval: `<split>/<k>shot` for each shot count, accuracy
+over all tasks; MeLa training steps: `val/<k>shot`); runs written before results named it: `legacy_headline`.
+`--metric KEY` takes a key of summary.json, of results.json (`<split>/<k>shot`, `<split>/<k>shot/<sub>` per
+sub-dataset), or a metrics.csv column (its last epoch's value).
 
 Per group and metric: n runs, the mean over seeds and the 95% t-interval mean +- t(0.975, n-1) * s / sqrt(n)
-(s: the sample standard deviation). `--compare A B`: A and B are group numbers (as printed) or settings
-(`method=maxl`, several joined by commas); every group of A is paired with the group of B that agrees on the
-other settings (or with B's only group), and the runs with the same seed are compared: the mean difference A - B,
-its 95% t-interval and the two-sided p-value of a paired t-test (scipy.stats.ttest_rel) over the n common seeds.
+(s: the sample standard deviation; `engine.metrics.mean_ci95`). `--compare A B`: A and B are group numbers (as
+printed) or settings (`method=maxl`, several joined by commas); every group of A is paired with the group of B
+that agrees on the other settings (or with B's only group), and the runs with the same seed are compared: the
+mean difference A - B, its 95% t-interval and the two-sided p-value of a paired t-test (scipy.stats.ttest_rel)
+over the n common seeds (a seed with several runs in one group pairs with nothing: it is named as left out).
 """
 import argparse
 import csv
@@ -40,20 +47,13 @@ from pathlib import Path
 import numpy as np
 import scipy.stats
 import yaml
+from omegaconf import OmegaConf
 
-from engine.entry import ERROR_FILE
-from engine.errors import UserError
-from engine.metrics import read_metrics
+from engine.config import NOT_IN_HASH, leaves
+from engine.errors import ERROR_FILE, UserError
+from engine.metrics import mean_ci95, read_metrics
 
 CONFIDENCE = 0.95
-# Settings that name, place or speed up a run without changing its result; never used to tell runs apart.
-NOT_SETTINGS = frozenset({
-    "seed", "name", "run_prefix",                                                # identity (seed: the replicate)
-    "workspace", "data_dir", "checkpoint_dir", "dataset.path", "dataset.alternative_paths",     # paths
-    "pretrained_model", "pretrained_labeler", "pretrained_centroids",            # files of other runs
-    "device", "num_workers", "threads", "compile", "channels_last", "progress",  # speed and display
-    "resume", "overwrite", "checkpoint_every", "lock_stale_hours",               # how a run is kept
-})
 SHOWN = ("script", "evaluated", "method")  # what a run is: in the label whenever they differ
 MISSING = "-"  # the value of a setting a run does not have (runs of other scripts)
 SUMMARY_SUFFIXES = ("_last5_mean", "_best", "_last")  # summary keys that summarise a metrics.csv column
@@ -65,18 +65,20 @@ def show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[f"{prefix}{key}"] = show(value)
-    return flat
+def identity(config: dict, seed, prefix: str = "") -> dict[str, str]:
+    """The settings of a run's config that tell it apart: exactly those the engine hashes into a run's name
+    (`engine.config.leaves` without the top-level keys of `NOT_IN_HASH`), as shown, with the replicate's `seed`
+    written as `_s<seed>` in values that name a run of that seed (see the module docstring)."""
+    hashed = leaves(OmegaConf.create(config), skip=NOT_IN_HASH, strict=False)
+    return {f"{prefix}{key}": without_seed(show(value), seed) for key, value in hashed.items()}
 
 
-def is_setting(key: str) -> bool:
-    return key.removeprefix("evaluated.") not in NOT_SETTINGS
+def without_seed(value: str, seed) -> str:
+    """`value` with each `_s` + the seed's digits (not followed by another digit: a run name's seed) replaced by
+    the literal text `_s<seed>`."""
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        return value
+    return re.sub(rf"_s{seed}(?![0-9])", "_s<seed>", value)
 
 
 def natural_key(path: Path):
@@ -91,10 +93,10 @@ def number(value) -> float | None:
 @dataclass
 class Run:
     path: Path
-    settings: dict[str, str]          # flattened config, plus `script` (and `evaluated...` for meta_eval)
+    settings: dict[str, str]          # what tells it apart (`identity`), `script` (and `evaluated...`)
     seed: int | None
     scalars: dict[str, float]         # summary.json and results.json values
-    defaults: list[str]               # the paper's metric(s) of this kind of run
+    defaults: list[str]               # its headline metric(s)
     finished_at: float                # when its results were written
     notes: list[str] = field(default_factory=list)
 
@@ -170,15 +172,34 @@ def evaluated_checkpoint(results: dict) -> tuple[dict, list[str]]:
         return {}, [f"checkpoint {path} not readable: grouped by meta_eval's settings and seed only"]
 
 
-def results_scalars(results: dict) -> tuple[dict[str, float], list[str]]:
+def results_scalars(results: dict) -> dict[str, float]:
+    """meta_eval's results.json as `<split>/<k>shot[/<sub>]` (overall, or per sub-dataset) and its `_ci95`."""
     split = results.get("split", "test")
-    scalars, defaults = {}, []
+    scalars = {}
     for shots, per_sub in sorted(results["results"].items(), key=lambda item: int(item[0])):
         for sub, stats in per_sub.items():
             key = f"{split}/{shots}shot" + ("" if sub == "overall" else f"/{sub}")
             scalars[key], scalars[f"{key}_ci95"] = stats["mean"], stats["ci95"]
-        defaults.append(f"{split}/{shots}shot")
-    return scalars, defaults
+    return scalars
+
+
+def headline(written: dict, scalars: dict[str, float]) -> list[str]:
+    """The default metrics of a run: the `headline` its summary.json / results.json names, else inferred."""
+    named = written.get("headline")
+    if isinstance(named, str):
+        return [named]
+    if isinstance(named, list) and named:
+        return [str(key) for key in named]
+    return legacy_headline(scalars)
+
+
+def legacy_headline(scalars: dict[str, float]) -> list[str]:
+    """For runs written before summary.json and results.json named their `headline`: MAXL's test/acc_last5_mean
+    when the run has it, else every `<split>/<k>shot` (meta_eval's overall accuracies, MeLa training steps' last
+    validation), in the written order."""
+    if "test/acc_last5_mean" in scalars:
+        return ["test/acc_last5_mean"]
+    return [key for key in scalars if re.fullmatch(r"[^/]+/\d+shot", key)]
 
 
 def read_run(run_dir: Path) -> Run:
@@ -186,26 +207,21 @@ def read_run(run_dir: Path) -> Run:
     settings = {"script": show(script_of(run_dir))}
     seed, notes = config.get("seed"), []
     summary_file, results_file = run_dir / "summary.json", run_dir / "results.json"
-    scalars, defaults = {}, []
     if results_file.is_file():
-        results = json.loads(results_file.read_text())
-        scalars, defaults = results_scalars(results)
-        trained, notes = evaluated_checkpoint(results)
-        settings["evaluated"] = show(results.get("script"))
-        settings |= flatten(config)
-        settings |= flatten(trained, "evaluated.")
+        written = json.loads(results_file.read_text())
+        scalars = results_scalars(written)
+        trained, notes = evaluated_checkpoint(written)
         seed = trained.get("seed", seed)
+        settings["evaluated"] = show(written.get("script"))
+        settings |= identity(config, seed)
+        settings |= identity(trained, seed, "evaluated.")
         finished = results_file
     else:
-        settings |= flatten(config)
-        summary = json.loads(summary_file.read_text())
-        scalars = {key: number(value) for key, value in summary.items() if number(value) is not None}
-        if "test/acc_last5_mean" in scalars:
-            defaults = ["test/acc_last5_mean"]
-        else:
-            defaults = [key for key in scalars if re.fullmatch(r"val/\d+shot", key)]
+        written = json.loads(summary_file.read_text())
+        scalars = {key: number(value) for key, value in written.items() if number(value) is not None}
+        settings |= identity(config, seed)
         finished = summary_file
-    return Run(run_dir, settings, seed, scalars, defaults, finished.stat().st_mtime, notes)
+    return Run(run_dir, settings, seed, scalars, headline(written, scalars), finished.stat().st_mtime, notes)
 
 
 def collect(paths: list[str]) -> tuple[list[Run], list[str]]:
@@ -232,9 +248,9 @@ def collect(paths: list[str]) -> tuple[list[Run], list[str]]:
 # ---- labels and groups ------------------------------------------------------------------------------------
 
 def differing_keys(runs: list[Run]) -> list[str]:
-    """The settings whose values differ between the runs (seeds and `NOT_SETTINGS` aside)."""
+    """The settings whose values differ between the runs (seeds aside: they are not settings)."""
     keys = list(dict.fromkeys(key for run in runs for key in run.settings))
-    return [key for key in keys if is_setting(key) and len({run.settings.get(key, MISSING) for run in runs}) > 1]
+    return [key for key in keys if len({run.settings.get(key, MISSING) for run in runs}) > 1]
 
 
 def label_keys(runs: list[Run]) -> list[str]:
@@ -276,27 +292,36 @@ class Group:
     def seeds(self) -> list:
         return [run.seed for run in self.runs]
 
-    def values(self, metric: str) -> dict:
-        """seed -> value, for the runs that have the metric."""
-        return {run.seed: v for run in self.runs if (v := run.value(metric)) is not None}
+    def values(self, metric: str) -> list[tuple]:
+        """(seed, value) of each run that has the metric, in the group's order."""
+        return [(run.seed, v) for run in self.runs if (v := run.value(metric)) is not None]
+
+    def by_seed(self, metric: str) -> tuple[dict, list]:
+        """seed -> value for the seeds with one run that has the metric; the seeds with several such runs."""
+        seeds = [seed for seed, _ in self.values(metric)]
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=seed_order)
+        return {s: v for s, v in self.values(metric) if s not in repeated}, repeated
+
+
+def seed_order(seed):
+    return seed is None, seed
 
 
 def make_groups(runs: list[Run], keys: list[str]) -> tuple[list[Group], list[str]]:
-    """Runs with equal labels, groups in the order they were found, runs by seed; of two runs with the same seed
-    the later is kept."""
+    """Runs with equal labels, groups in the order they were found, runs by seed (then by when they finished).
+    Every run is kept: two run folders with the same settings and seed are noted, not merged."""
     by_label: dict[tuple, list[Run]] = {}
     for run in runs:
         by_label.setdefault(tuple(run.settings.get(key, MISSING) for key in keys), []).append(run)
     groups, notes = [], []
     for index, (label, members) in enumerate(by_label.items(), 1):
-        latest = {}
-        for run in sorted(members, key=lambda r: r.finished_at):
-            if run.seed in latest:
-                notes.append(f"same settings and seed {run.seed} twice: kept {run.path}, "
-                             f"left out {latest[run.seed].path}")
-            latest[run.seed] = run
-        kept = sorted(latest.values(), key=lambda r: (r.seed is None, r.seed))
-        groups.append(Group(index, dict(zip(keys, label)), kept))
+        members = sorted(members, key=lambda r: (seed_order(r.seed), r.finished_at))
+        for seed in dict.fromkeys(r.seed for r in members):
+            same = [r for r in members if r.seed == seed]
+            if len(same) > 1:
+                notes.append(f"same settings and seed {show(seed)} in {len(same)} run folders, all kept: "
+                             + ", ".join(str(r.path) for r in same))
+        groups.append(Group(index, dict(zip(keys, label)), members))
     return groups, notes
 
 
@@ -304,16 +329,14 @@ def make_groups(runs: list[Run], keys: list[str]) -> tuple[list[Group], list[str
 
 def t_interval(values) -> dict:
     """n, mean and the 95% t-interval of the mean (half-width `ci95`, bounds `low`, `high`; NaN for n < 2)."""
-    values = np.asarray(list(values), dtype=np.float64)
-    n = len(values)
-    mean = float(values.mean()) if n else math.nan
-    half = float(scipy.stats.sem(values) * scipy.stats.t.ppf((1 + CONFIDENCE) / 2, n - 1)) if n > 1 else math.nan
-    return {"n": n, "mean": mean, "ci95": half, "low": mean - half, "high": mean + half}
+    values = list(values)
+    mean, half = mean_ci95(values, CONFIDENCE)
+    return {"n": len(values), "mean": mean, "ci95": half, "low": mean - half, "high": mean + half}
 
 
 def paired_difference(a: dict, b: dict) -> dict:
     """A - B over the seeds both have: the t-interval of the mean difference and the paired t-test's p-value."""
-    seeds = sorted(set(a) & set(b), key=lambda s: (s is None, s))
+    seeds = sorted(set(a) & set(b), key=seed_order)
     first, second = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
     stats = t_interval(first - second)
     with warnings.catch_warnings():  # equal differences: the test is undefined (NaN)
@@ -370,11 +393,13 @@ def compare(groups, comparisons, metrics, keys, labels) -> list[dict]:
     for a, b in comparisons:
         for ga, gb in pairs(groups, a, b, keys, labels):
             for metric in metrics:
-                va, vb = ga.values(metric), gb.values(metric)
+                (va, repeated_a), (vb, repeated_b) = ga.by_seed(metric), gb.by_seed(metric)
+                repeated = sorted(set(repeated_a) | set(repeated_b), key=seed_order)
+                va, vb = ({s: v for s, v in side.items() if s not in repeated} for side in (va, vb))
                 if va and vb:
                     found.append({"a": ga.index, "b": gb.index, "a_label": ga.label, "b_label": gb.label,
                                   "metric": metric, **paired_difference(va, vb),
-                                  "unpaired": sorted(set(va) ^ set(vb), key=lambda s: (s is None, s))})
+                                  "unpaired": sorted(set(va) ^ set(vb), key=seed_order), "repeated": repeated})
     return found
 
 
@@ -407,6 +432,8 @@ def comparison_line(c: dict) -> str:
                 f"n={c['n']} seeds ({seeds})")
     if c["unpaired"]:
         text += f"; seeds in one group only, left out: {','.join(show(s) for s in c['unpaired'])}"
+    if c["repeated"]:
+        text += f"; seeds with several runs in a group, left out: {','.join(show(s) for s in c['repeated'])}"
     return text
 
 
@@ -436,12 +463,20 @@ def write_csv(path: Path, groups, keys, metrics, stats) -> None:
             writer.writerow(row)
 
 
+def seed_values(pairs: list[tuple]) -> dict:
+    """seed -> value (a list of values for a seed with several runs), for the JSON."""
+    grouped: dict = {}
+    for seed, value in pairs:
+        grouped.setdefault(seed, []).append(value)
+    return {seed: values[0] if len(values) == 1 else values for seed, values in grouped.items()}
+
+
 def write_json(path: Path, groups, keys, metrics, stats, comparisons, notes) -> None:
     document = {
         "metrics": metrics, "settings": keys, "confidence": CONFIDENCE,
         "groups": [{"group": g.index, "label": g.label, "settings": g.settings, "n": len(g.runs), "seeds": g.seeds,
                     "runs": [str(r.path) for r in g.runs],
-                    "metrics": {m: {**s, "values": g.values(m)} for m, s in stats[g.index].items()}}
+                    "metrics": {m: {**s, "values": seed_values(g.values(m))} for m, s in stats[g.index].items()}}
                    for g in groups],
         "comparisons": comparisons, "notes": notes,
     }
@@ -531,13 +566,15 @@ def report(args) -> None:
     keys = label_keys(runs)
     groups, duplicates = make_groups(runs, keys)
     notes += duplicates + sorted({note for run in runs for note in run.notes})
-    stats = {g.index: {m: t_interval(v.values()) for m in metrics if (v := g.values(m))} for g in groups}
+    stats = {g.index: {m: t_interval(value for _, value in v) for m in metrics if (v := g.values(m))}
+             for g in groups}
     comparisons = compare(groups, args.compare or [], metrics, differing_keys(runs), keys)
     column = curve_column(runs, metrics, args.curve) if args.plot else None
 
     for note in notes:
         print(f"note: {note}")
-    print(f"{len(runs)} runs in {len(groups)} groups; mean over seeds +- half-width of the 95% t-interval")
+    shown = sum(len(g.runs) for g in groups)
+    print(f"{shown} runs in {len(groups)} groups; mean over seeds +- half-width of the 95% t-interval")
     print(table(groups, keys, metrics, stats))
     if comparisons:
         print("\npaired by seed (A - B):")
@@ -554,11 +591,11 @@ def report(args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m engine.report", description=__doc__.splitlines()[0],
+    parser = argparse.ArgumentParser(prog="python -m tools.report", description=__doc__.splitlines()[0],
                                      epilog="Statistics and labels: see docs/experiments.md.")
     parser.add_argument("paths", nargs="+", help="run directories, folders holding them, or quoted globs")
     parser.add_argument("--metric", action="append", help="a summary/results key or metrics.csv column "
-                        "(repeatable; default: the paper's metric of each kind of run)")
+                        "(repeatable; default: each run's headline metrics)")
     parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
                         help="paired comparison over seeds: group numbers or key=value settings (repeatable)")
     parser.add_argument("--plot", type=Path, help="figure of the mean curves per group over epochs")
