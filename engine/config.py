@@ -18,7 +18,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from engine.errors import UserError
 from engine.script import Script
-from engine.settings import IDENTITY_KEYS, neutral_keys, validate
+from engine.settings import IDENTITY_KEYS, EngineSettings, EpochSettings, neutral_keys, validate
 
 log = logging.getLogger("metalabel")
 
@@ -66,9 +66,12 @@ def settings_hash(current: dict, defaults: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:HASH_LENGTH]
 
 
-def unnamed_settings(script: Script) -> frozenset[str]:
-    """Top-level keys left out of a run's hash: the neutral ones, and those in the name by themselves."""
-    return neutral_keys(script.settings) | set(IDENTITY_KEYS) | {"hydra"}
+def unnamed_settings(script: Script | None = None) -> frozenset[str]:
+    """Top-level keys left out of a run's hash: the neutral ones, and those in the name by themselves. Without a
+    script: those of every script (the neutral keys are the engine's own, a test checks it), for tools that read
+    runs of any script."""
+    neutral = neutral_keys(script.settings) if script else neutral_keys(EngineSettings) | neutral_keys(EpochSettings)
+    return neutral | set(IDENTITY_KEYS) | {"hydra"}
 
 
 def result_settings(cfg, script: Script) -> dict:

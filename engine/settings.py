@@ -383,8 +383,9 @@ def _check_declared(cfg: DictConfig, schema: type, script: str, groups) -> None:
     keys = declared(schema)
     for key in cfg.keys():
         if key != "hydra" and key not in keys and key not in groups:
-            close = difflib.get_close_matches(key, list(keys), n=1)
-            hint = f": did you mean {close[0]}?" if close else f": see python {script}.py --help"
+            by_lower = {name.lower(): name for name in keys}
+            close = difflib.get_close_matches(key.lower(), list(by_lower), n=1)
+            hint = f": did you mean {by_lower[close[0]]}?" if close else f": see python {script}.py --help"
             raise UserError(f"{key} is not a setting of {script}.py{hint}")
 
 

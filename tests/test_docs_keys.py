@@ -1,5 +1,6 @@
-"""The documentation's key tables and the configs stay in step: every top-level key of every script's composed
-config appears in a key table of README.md or docs/*.md, and every key such a table names exists in some config.
+"""The documentation's key tables and the declarations stay in step: the tables of docs/configuration.md are
+generated from the declarations (`python -m tools.config_docs`) and must be current; every key that any key table
+of README.md or docs/*.md names exists in some config.
 
 A key table is a markdown table whose header starts with the cell `key`; its keys are the backticked names in the
 first column (`a`, `b` or `model.width_mult`; `group.*` stands for a group's node). Keys under `hydra.` belong to
@@ -12,9 +13,9 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT
 from engine import compose
-from methods.scripts import SCRIPTS as ALL
+from methods.scripts import SCRIPTS
+from tools import config_docs
 
-SCRIPTS = ("maxl_train", "learn_meta_repr", "learn_labeler", "fine_tune", "meta_eval", "sup_baseline")
 GROUPS = ("dataset", "model")
 DOCS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 
@@ -37,18 +38,9 @@ def table_keys(path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def documented() -> dict[str, str]:
-    keys = {}
-    for path in DOCS:
-        for name, number in table_keys(path).items():
-            keys.setdefault(name, f"{path.relative_to(ROOT)}:{number}")
-    return keys
-
-
-@pytest.fixture(scope="module")
 def configs() -> dict[str, dict]:
     """Each script's composed config, and each group option's file, as plain nested dicts (unresolved)."""
-    trees = {script: OmegaConf.to_container(compose(ALL[script], []), resolve=False) for script in SCRIPTS}
+    trees = {name: OmegaConf.to_container(compose(script, []), resolve=False) for name, script in SCRIPTS.items()}
     for group in GROUPS:
         for path in sorted((ROOT / "config" / group).glob("*.yaml")):
             trees[f"{group}={path.stem}"] = {group: OmegaConf.to_container(OmegaConf.load(path), resolve=False)}
@@ -68,13 +60,22 @@ def exists(key: str, trees) -> bool:
     return False
 
 
-def test_every_top_level_key_of_every_script_is_in_a_key_table(configs, documented):
-    missing = [f"{script}.yaml: {key}" for script in SCRIPTS for key in configs[script] if key not in documented]
-    assert not missing, ("config keys that no key table of README.md or docs/*.md lists:\n  "
-                         + "\n  ".join(missing))
+def test_the_generated_key_tables_are_current(workspace):
+    text = config_docs.DOC.read_text()
+    assert config_docs.updated(text) == text, "stale: run python -m tools.config_docs"
 
 
-def test_every_key_a_key_table_names_exists_in_some_config(configs, documented):
+def test_every_top_level_key_of_every_script_is_in_the_generated_table(configs):
+    documented = table_keys(config_docs.DOC)
+    missing = [f"{name}: {key}" for name in SCRIPTS for key in configs[name] if key not in documented]
+    assert not missing, "config keys that the generated table lacks:\n  " + "\n  ".join(missing)
+
+
+def test_every_key_a_key_table_names_exists_in_some_config(configs):
+    documented = {}
+    for path in DOCS:
+        for name, number in table_keys(path).items():
+            documented.setdefault(name, f"{path.relative_to(ROOT)}:{number}")
     unknown = [f"{where}: {key}" for key, where in documented.items()
                if not key.startswith("hydra.") and not exists(key, configs.values())]
     assert not unknown, "keys in the key tables that no config has:\n  " + "\n  ".join(unknown)

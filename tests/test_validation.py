@@ -9,14 +9,17 @@ from hydra import compose as hydra_compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT, one_line_error, run_script
-from engine.entry import CONFIG_DIR
+from dataset.catalog import dataset_names
+from engine.config import CONFIG_DIR
+from engine.entry import check_launcher
 from engine.errors import UserError
-from engine.validation import (DATASET_RULES, DATASET_VIEW, MODEL_RULES, NAME_RULES, RULES, check_launcher,
-                               check_workspace, dataset_names, validate)
+from engine.settings import check_workspace, declared, validate
 from methods.mela import FewShotEvaluator
+from methods.scripts import SCRIPTS as ALL
+from models import model_settings
 
-SCRIPTS = tuple(DATASET_VIEW)
-MELA_SCRIPTS = tuple(s for s in SCRIPTS if DATASET_VIEW[s] == "mela")
+SCRIPTS = tuple(ALL)
+VIEW = {name: "maxl" if name == "maxl_train" else "mela" for name in SCRIPTS}
 PSI = ("psi must be null (derived from the hierarchy), an integer >= 1 or a list of integers >= 1, e.g. [5,5,...] "
        "(one count per primary class)")
 RUN_NAME = "a run name (a non-empty string without '/' or whitespace)"
@@ -32,7 +35,7 @@ def composed(script: str, overrides=()):
 
 def error_of(script: str, *overrides: str) -> str:
     with pytest.raises(UserError) as caught:
-        validate(composed(script, overrides), script)
+        validate(composed(script, overrides), ALL[script])
     return str(caught.value)
 
 
@@ -43,7 +46,7 @@ def _workspace(workspace):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_defaults_of_every_script_are_valid(script):
-    assert validate(composed(script), script) is None
+    assert validate(composed(script), ALL[script]) is None
 
 
 @pytest.mark.parametrize("script, overrides", [
@@ -56,7 +59,7 @@ def test_the_defaults_of_every_script_are_valid(script):
     ("meta_eval", ["split=val", "dataset=digits", "n_ways=3"]),
 ])
 def test_good_settings_pass(script, overrides):
-    assert validate(composed(script, overrides), script) is None
+    assert validate(composed(script, overrides), ALL[script]) is None
 
 
 def test_hier_file_levels_are_read_from_its_labels(tmp_path):
@@ -66,7 +69,7 @@ def test_hier_file_levels_are_read_from_its_labels(tmp_path):
     for split in ("train", "test"):
         np.savez(tmp_path / f"{split}.npz", data=np.zeros((8, 8, 8, 3), np.uint8), labels=labels)
     cfg = composed("maxl_train", ["dataset=hier_file", f"dataset.path={tmp_path}"])  # levels: auto
-    assert validate(cfg, "maxl_train") is None
+    assert validate(cfg, ALL["maxl_train"]) is None
     assert (cfg.dataset.primary_level, cfg.dataset.auxiliary_level) == (2, 4)
 
 
@@ -174,25 +177,37 @@ def test_a_missing_mandatory_dataset_key_is_named_before_anything_resolves_it():
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
-def test_every_setting_of_every_script_has_a_rule(script):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = hydra_compose(script)
-    top = [key for key in cfg.keys() if key not in ("dataset", "model")]
-    assert [key for key in top if key not in RULES and key not in NAME_RULES] == []
+def test_the_composed_keys_are_the_declared_ones(script):
+    cfg = composed(script)
+    top = [key for key in cfg.keys() if key not in ("dataset", "model", "hydra")]
+    assert top == list(declared(ALL[script].settings))  # the declarations' order
     for model in sorted(p.stem for p in (ROOT / "config" / "model").glob("*.yaml")):
-        keys = OmegaConf.load(ROOT / "config" / "model" / f"{model}.yaml").keys()
-        assert [f"model.{k}" for k in keys if f"model.{k}" not in MODEL_RULES] == [], model
+        node = OmegaConf.load(ROOT / "config" / "model" / f"{model}.yaml")
+        assert list(node.keys()) == list(declared(model_settings(node))), model
 
 
-def test_every_rule_names_a_key_some_config_has():
+def test_every_declared_group_key_is_in_some_option():
     keys = set()
-    for script in SCRIPTS:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-            keys |= set(hydra_compose(script).keys())
     for group in ("model", "dataset"):
         for path in (ROOT / "config" / group).glob("*.yaml"):
             keys |= {f"{group}.{k}" for k in OmegaConf.load(path).keys()}
-    assert sorted((set(RULES) | set(NAME_RULES) | set(MODEL_RULES) | set(DATASET_RULES)) - keys) == []
+    declared_keys = set()
+    for name, script in ALL.items():
+        for group, declaration in script.groups.items():
+            for path in (ROOT / "config" / group).glob("*.yaml"):
+                try:
+                    schema = declaration(OmegaConf.load(path))
+                except UserError:
+                    continue
+                declared_keys |= {f"{group}.{k}" for k in declared(schema)}
+    assert sorted(declared_keys - keys) == []
+
+
+@pytest.mark.parametrize("script, key, close", [("maxl_train", "epoch", "epochs"), ("learn_labeler", "k", "K"),
+                                                ("meta_eval", "val_n_shot", "val_n_shots")])
+def test_an_appended_key_the_script_does_not_read_is_refused(script, key, close):
+    assert error_of(script, f"+{key}=3") == f"{key} is not a setting of {script}.py: did you mean {close}?"
+    assert error_of(script, "+zzz=1") == f"zzz is not a setting of {script}.py: see python {script}.py --help"
 
 
 # ---- checks against the data ---------------------------------------------------------------------------------
@@ -210,7 +225,7 @@ def test_every_rule_names_a_key_some_config_has():
 ])
 def test_an_evaluation_the_split_cannot_hold_fails_when_the_evaluator_is_built(script, overrides, split, message):
     cfg = composed(script, ["dataset=synthetic_fs", *overrides])
-    validate(cfg, script)  # the config alone is fine: only the data says otherwise
+    validate(cfg, ALL[script])  # the config alone is fine: only the data says otherwise
     n_ways = cfg.val_n_ways if "val_n_ways" in cfg else cfg.n_ways
     with pytest.raises(UserError, match=f"^{message}$"):
         FewShotEvaluator(cfg, None, split, n_ways, list(cfg.val_n_shots), 1.0)
@@ -252,7 +267,7 @@ def test_an_unwritable_workspace_is_refused_for_the_scripts_that_write_there(tmp
     assert error_of("maxl_train", f"workspace={locked / 'new'}") == \
         f"workspace={locked / 'new'} cannot be created: {locked} is not writable: give workspace= a directory you " \
         f"can write to"
-    assert validate(composed("meta_eval"), "meta_eval") is None  # it only reads checkpoints from there
+    assert validate(composed("meta_eval"), ALL["meta_eval"]) is None  # it only reads checkpoints from there
     check_workspace(tmp_path)  # a writable one passes
 
 
@@ -312,13 +327,11 @@ def rendered_help(script: str) -> str:
 def test_help_lists_only_the_groups_the_script_takes(script):
     text = rendered_help(script)
     models = sorted(p.stem for p in (ROOT / "config" / "model").glob("*.yaml"))
-    assert _groups(text) == {"dataset": dataset_names(DATASET_VIEW[script]), "model": models}
+    assert _groups(text) == {"dataset": dataset_names(VIEW[script]), "model": models}
     assert text.startswith(f"{script}.py: ") and f"python {script}.py " in text.split("== Examples ==")[1]
-    keys = text.split("== Main keys (key=value) ==\n", 1)[1].split("\n\n", 1)[0]
-    named = set(re.findall(r"[A-Za-z_.]+", " ".join(line.split("  ")[0] for line in keys.splitlines())))
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = hydra_compose(script)
-    assert named - {k for k in cfg.keys()} - {"model.width_mult"} == set(), "help names keys the script lacks"
+    keys = text.split("== Keys (key=value) ==\n", 1)[1].split("\n== ", 1)[0]
+    named = [line.split()[0] for line in keys.splitlines() if line.startswith("  ")]
+    assert sorted(named) == sorted(declared(ALL[script].settings)), "help lists every key once"
 
 
 def test_help_through_the_script(tmp_path, workspace):
@@ -331,24 +344,35 @@ def test_help_through_the_script(tmp_path, workspace):
     assert not (tmp_path / "logs").exists()
 
 
-# ---- the documentation ---------------------------------------------------------------------------------------
+# ---- one key, one edit ---------------------------------------------------------------------------------------
 
-def test_the_rules_table_of_the_docs_is_the_rules():
-    rows = {}
-    for line in (ROOT / "docs" / "configuration.md").read_text().splitlines():
-        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if line.startswith("| `") and len(cells) == 4:
-            rows[cells[0].strip("`")] = (cells[1], cells[2])
-    scripts = {}
-    for script in SCRIPTS:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-            for key in hydra_compose(script).keys():
-                scripts.setdefault(key, []).append(script)
-    expected = {key: ("all" if len(scripts[key]) == len(SCRIPTS) else ", ".join(scripts[key]), rule.describe())
-                for key, rule in {**RULES, **NAME_RULES}.items()}
-    for key, rule in {**MODEL_RULES, **DATASET_RULES}.items():
-        group, name = key.split(".")
-        files = sorted((ROOT / "config" / group).glob("*.yaml"))
-        having = [path.stem for path in files if name in OmegaConf.load(path)]
-        expected[key] = ("all" if len(having) == len(files) else ", ".join(having), rule.describe())
-    assert rows == expected
+def test_a_key_added_to_a_declaration_is_validated_documented_and_in_help(workspace, monkeypatch):
+    """Adding a hyper-parameter is one edit: a field in the method's declaration (here a subclass stands for it)."""
+    from dataclasses import dataclass, replace
+
+    from engine.entry import compose, register
+    from engine.settings import Integer, setting
+    from methods.scripts import MaxlTrainSettings
+    from tools import config_docs
+
+    @dataclass
+    class WithWarmup(MaxlTrainSettings):
+        warmup_epochs: int = setting(0, Integer(0), "epochs of linear learning-rate warm-up")
+
+    original = ALL["maxl_train"]
+    script = replace(original, settings=WithWarmup)
+    register(script)
+    try:
+        assert compose(script, []).warmup_epochs == 0
+        assert compose(script, []).name == compose(original, []).name  # a new default renames no run
+        assert compose(script, ["warmup_epochs=3"]).warmup_epochs == 3
+        assert error_of("maxl_train", "warmup_epochs=-1") == \
+            "warmup_epochs=-1: warmup_epochs must be an integer >= 0"
+        assert "  warmup_epochs        an integer >= 0; epochs of linear learning-rate warm-up" in \
+            rendered_help("maxl_train").splitlines()
+        monkeypatch.setitem(config_docs.SCRIPTS, "maxl_train", script)
+        assert "| `warmup_epochs` | maxl_train | an integer >= 0 | epochs of linear learning-rate warm-up |" in \
+            config_docs.generated().splitlines()
+    finally:
+        register(original)
+    assert error_of("maxl_train", "+warmup_epochs=3").startswith("warmup_epochs is not a setting of maxl_train.py")

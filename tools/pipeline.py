@@ -29,8 +29,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from engine.checkpoint import load_checkpoint
-from engine.config import RESUMABLE_CHANGES, leaves
+from engine.config import leaves
+from engine.settings import neutral_keys
 from engine.entry import compose
+from methods.scripts import SCRIPTS
 from engine.errors import UserError
 from methods.fewshot_eval import read_results, results_table
 
@@ -46,7 +48,6 @@ LABELS = {"learn_meta_repr": "learn_meta_repr (MetaLS)", "learn_labeler": "label
 SET_HERE = {"dataset": "give the datasets by --dataset", "name": "give its first part by --name",
             "pretrained_labeler": "to step 1's run", "pretrained_model": "to the previous step's run",
             "hydra.run.dir": "under --out"}
-COMPARED_AWAY = RESUMABLE_CHANGES | {"hydra"}  # settings a run may change and still be the same run
 
 
 def root_key(override: str) -> str:
@@ -112,7 +113,7 @@ def chains(args, given: dict[str, list[str]]) -> list[Chain]:
             for seed in seeds or [None]:
                 axes = [f"dataset={dataset}", *([f"model={model}"] if model else []),
                         *([f"seed={seed}"] if seed is not None else [])]
-                first = compose(TRAINING[0], [*axes, *given[TRAINING[0]]])
+                first = compose(SCRIPTS[TRAINING[0]], [*axes, *given[TRAINING[0]]])
                 model_name, seed_value = str(first.model.name), int(first.seed)
                 folder = (args.out or Path("logs") / "pipeline" / name) / f"{dataset}_{model_name}_s{seed_value}"
                 chain = Chain(dataset, model_name, seed_value, folder)
@@ -124,8 +125,8 @@ def chains(args, given: dict[str, list[str]]) -> list[Chain]:
                     inputs = [f"{INPUTS[script][0]}={run_name(INPUTS[script][1])}"] if script in INPUTS else []
                     overrides = [*axes, *given[script], *inputs, f"name={run_name(script)}"]
                     chain.training.append(Step(script, run_name(script), overrides, folder / "train" / script,
-                                               compose(script, overrides)))
-                evaluation = compose(EVALUATION, [*axes, *given[EVALUATION]])  # the same but for its input
+                                               compose(SCRIPTS[script], overrides)))
+                evaluation = compose(SCRIPTS[EVALUATION], [*axes, *given[EVALUATION]])  # the same but for its input
                 for trained in TRAINING:
                     inputs = {"pretrained_model": run_name(trained), "name": run_name(f"eval_{trained}")}
                     overrides = [*axes, *given[EVALUATION], *(f"{k}={v}" for k, v in inputs.items())]
@@ -135,10 +136,12 @@ def chains(args, given: dict[str, list[str]]) -> list[Chain]:
     return found
 
 
-def changed_setting(saved_yaml: str, cfg) -> tuple[str, object, object] | None:
-    """The first setting (key, saved, asked) that differs between a checkpoint's run and `cfg`, if any."""
-    saved = leaves(OmegaConf.create(saved_yaml), skip=COMPARED_AWAY)
-    asked = leaves(cfg, skip=COMPARED_AWAY)
+def changed_setting(saved_yaml: str, cfg, script: str) -> tuple[str, object, object] | None:
+    """The first setting (key, saved, asked) that differs between a checkpoint's run and `cfg`, if any; the
+    neutral settings may differ (the engine's resume compares the same)."""
+    away = neutral_keys(SCRIPTS[script].settings) | {"hydra"}
+    saved = leaves(OmegaConf.create(saved_yaml), skip=away)
+    asked = leaves(cfg, skip=away)
     changed = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
     return (changed[0], saved.get(changed[0]), asked.get(changed[0])) if changed else None
 
@@ -169,7 +172,7 @@ def plan(chain: Chain) -> None:
             if payload.get("script") != step.script:
                 raise UserError(f"{last} was written by {payload.get('script')}.py, not {step.script}.py: give the "
                                 f"pipeline another --name")
-            if changed := changed_setting(payload["config"], step.cfg):
+            if changed := changed_setting(payload["config"], step.cfg, step.script):
                 key, saved, asked = changed
                 raise UserError(f"{step.script}: run {step.name} exists with {key}={saved} (asked: {asked}): give "
                                 f"the pipeline another --name, or overwrite=true to run every step again")
@@ -180,7 +183,7 @@ def plan(chain: Chain) -> None:
     for step, trained in zip(chain.evaluations, chain.training):
         results, config = step.run_dir / "results.json", step.run_dir / "config.yaml"
         up_to_date = results.is_file() and config.is_file() and not older_than_input(results, trained)
-        step.action = "skip" if up_to_date and not changed_setting(config.read_text(), step.cfg) else "run"
+        step.action = "skip" if up_to_date and not changed_setting(config.read_text(), step.cfg, step.script) else "run"
 
 
 def launch(python: str, step: Step) -> None:
@@ -227,7 +230,7 @@ def main(argv=None):
     try:
         if "/" in args.name or not args.name.strip():
             raise UserError(f"--name {args.name!r}: a run name has no '/' and is not empty")
-        keys = {script: set(compose(script, [f"dataset={split_values(args.dataset)[0]}"]).keys()) | {"hydra"}
+        keys = {script: set(compose(SCRIPTS[script], [f"dataset={split_values(args.dataset)[0]}"]).keys()) | {"hydra"}
                 for script in (*TRAINING, EVALUATION)}
         study = chains(args, distribute(args.overrides, keys))
         for chain in study:

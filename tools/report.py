@@ -8,7 +8,7 @@ depth (a multirun folder, a study folder) or a quoted glob. Jobs that failed (th
 runs without results (no summary.json / results.json yet) are listed and left out.
 
 A run is what the engine says it is: its settings are exactly those the engine hashes into a run's name
-(`engine.config.leaves`: every config.yaml leaf but the top-level keys of `engine.config.NOT_IN_HASH`: the seed,
+(`engine.config.leaves`: every config.yaml leaf but the top-level keys of `engine.config.unnamed_settings()`: the seed,
 the name, paths, devices and other settings a run may change when continued), plus `script`; for meta_eval also
 `evaluated`, the step whose checkpoint it scored, and that checkpoint's own settings as `evaluated.<key>`. The
 seed is the replicate: a value that names another run of the same seed (`pretrained_model=..._s1` in the run of
@@ -49,7 +49,7 @@ import scipy.stats
 import yaml
 from omegaconf import OmegaConf
 
-from engine.config import NOT_IN_HASH, leaves
+from engine.config import leaves, unnamed_settings
 from engine.errors import ERROR_FILE, UserError
 from engine.metrics import mean_ci95, read_metrics
 
@@ -67,9 +67,9 @@ def show(value) -> str:
 
 def identity(config: dict, seed, prefix: str = "") -> dict[str, str]:
     """The settings of a run's config that tell it apart: exactly those the engine hashes into a run's name
-    (`engine.config.leaves` without the top-level keys of `NOT_IN_HASH`), as shown, with the replicate's `seed`
+    (`engine.config.leaves` without the top-level keys of `unnamed_settings()`), as shown, with the replicate's `seed`
     written as `_s<seed>` in values that name a run of that seed (see the module docstring)."""
-    hashed = leaves(OmegaConf.create(config), skip=NOT_IN_HASH, strict=False)
+    hashed = leaves(OmegaConf.create(config), skip=unnamed_settings(), strict=False)
     return {f"{prefix}{key}": without_seed(show(value), seed) for key, value in hashed.items()}
 
 
