@@ -4,9 +4,9 @@ import csv
 import json
 
 from engine import hydra_main
-from methods.fewshot_eval import results_table
-from methods.mela import (EVALUATED_STEPS, FewShotEvaluator, check_architecture, feature_model, int_list,
-                          load_step)
+from methods.fewshot_eval import FewShotEvaluator, results_table
+from methods.optimizers import int_list
+from methods.step_checkpoints import EVALUATED_STEPS, check_architecture, feature_model, load_step
 
 
 @hydra_main("meta_eval", writes_checkpoints=False)

@@ -71,6 +71,11 @@ class TrainingJob(ABC):
     def summarize(self, history: list[dict]) -> dict:
         return {}
 
+    def checkpoint_extras(self) -> dict:
+        """Entries added to every checkpoint the job writes, next to the engine's own (which they cannot replace):
+        what a later reader of the checkpoint needs to know about its state."""
+        return {}
+
 
 class StopSignals:
     """While training: SIGTERM, SIGUSR1 and SIGINT (and submitit's SIGUSR2) only note that the run must stop; the
@@ -131,6 +136,7 @@ def _check_finite(tracker: MeanTracker, session, epoch: int, phase: str, steps: 
 def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict, rng_states: list,
                        position: dict | None = None) -> dict:
     return {
+        **job.checkpoint_extras(),  # first: the engine's entries win
         "script": session.script,
         "epoch": epoch,  # the last completed epoch
         "position": position,  # None at an epoch end; else where inside epoch + 1 the run stopped

@@ -12,9 +12,8 @@ from sklearn.linear_model import LogisticRegression
 
 from dataset.fewshot import FlatDataset, ImageTransform
 from engine.errors import UserError
-from methods.fewshot_eval import (TaskSampler, evaluate_splits, extract_features, flat_metrics,
-                                  mean_confidence_interval, task_accuracies)
-from methods.mela import gathered_features
+from methods.fewshot_eval import (TaskSampler, accuracy_metrics, evaluate_splits, extract_features,
+                                  gathered_features, mean_confidence_interval, task_accuracies)
 
 
 def split_features(n_classes=8, per_class=25, dim=12, seed=0):
@@ -170,8 +169,12 @@ def test_overall_concatenates_the_splits_tasks():
     scores = np.concatenate([task_accuracies(*a, 5, 1, 5, 3), task_accuracies(*b, 5, 1, 5, 3)])
     assert results[1]["overall"] == pytest.approx(mean_confidence_interval(scores))
     assert results[1]["a"] == pytest.approx(mean_confidence_interval(scores[:3]))
-    assert set(flat_metrics(results)) == {"val/1shot/a", "val/1shot/a_ci95", "val/1shot/b", "val/1shot/b_ci95",
-                                          "val/1shot/overall", "val/1shot/overall_ci95"}
+    assert accuracy_metrics(results, "val") == {
+        "val/1shot": results[1]["overall"][0], "val/1shot_ci95": results[1]["overall"][1],
+        "val/1shot/a": results[1]["a"][0], "val/1shot/a_ci95": results[1]["a"][1],
+        "val/1shot/b": results[1]["b"][0], "val/1shot/b_ci95": results[1]["b"][1]}
+    one = evaluate_splits({"a": a}, n_ways=5, shots=[1], n_queries=5, n_tasks=3)
+    assert set(accuracy_metrics(one, "val")) == {"val/1shot", "val/1shot_ci95"}  # one sub-dataset: overall only
 
 
 def test_bad_requests_name_the_numbers():

@@ -8,11 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from engine.errors import UserError
-from methods.supervised import build_classifier, classification_loss, head_classes, supervised_train_epoch
+from methods.supervised import build_classifier, classification_loss, head_classes
 from models import create_model
 from models.classifier import Classifier, MultiHeadClassifier
 from models.resfc import FrozenBackboneHead, ResFC
 from models.resnet import DropBlock, dropblock_mask, dropblock_schedules_paused
+from train_epochs import supervised_train_epoch
 
 
 def block_regularisers(model):

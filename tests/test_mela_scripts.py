@@ -38,11 +38,13 @@ def chain(tmp_path_factory):
 
 def test_each_training_step_writes_its_checkpoints_and_metrics(chain):
     root, workspace, results = chain
-    for script, name in (("learn_meta_repr", "lmr"), ("learn_labeler", "ll"), ("fine_tune", "ft"),
-                         ("sup_baseline", "sb")):
+    for script, name, prefix in (("learn_meta_repr", "lmr", ""), ("learn_labeler", "ll", "backbone."),
+                                 ("fine_tune", "ft", "backbone."), ("sup_baseline", "sb", "backbone.")):
         assert results[script].returncode == 0, results[script].stderr
         payload = torch.load(saves(workspace, name) / "best.pt", weights_only=True)
         assert payload["script"] == script and "model:" in payload["config"]
+        # where the backbone is in state["model"], for the next step and meta_eval
+        assert payload["backbone_prefix"] == prefix and payload["resfc_head"] == (script == "fine_tune")
         [metrics] = (root / "logs" / script / name).glob("*/metrics.csv")
         [row] = read_metrics(metrics)
         assert 0 <= row["val/5shot"] <= 1 and row["val/5shot_ci95"] >= 0

@@ -7,8 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from methods.meta_ls import MetaLS, hinge_targets, meta_ls_loss, meta_train_epoch, ridge_weights, with_intercept
+from methods.meta_ls import MetaLS, hinge_targets, meta_ls_loss, ridge_weights, with_intercept
 from models import create_model
+from train_epochs import meta_train_epoch
 
 N_WAYS, SHOTS, QUERIES, DIM, LAM = 3, 2, 4, 5, 0.3
 

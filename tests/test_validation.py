@@ -13,7 +13,7 @@ from engine.entry import CONFIG_DIR
 from engine.errors import UserError
 from engine.validation import (DATASET_RULES, DATASET_VIEW, MODEL_RULES, NAME_RULES, RULES, check_launcher,
                                check_workspace, dataset_names, validate)
-from methods.mela import FewShotEvaluator
+from methods.fewshot_eval import FewShotEvaluator
 
 SCRIPTS = tuple(DATASET_VIEW)
 MELA_SCRIPTS = tuple(s for s in SCRIPTS if DATASET_VIEW[s] == "mela")

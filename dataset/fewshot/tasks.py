@@ -17,11 +17,14 @@ Two samplers:
 `make_tasks` (what the scripts call with `train_db_size`) reads db_size=None as the whole partition with
 no_replacement, and as DEFAULT_RANDOM_TASKS (2800, the original's train_db_size) random tasks without it.
 Augmentation inside task i draws from (seed, epoch, i), not from the worker's RNG, so tasks are the same for
-any number of loader workers and a resumed run replays them exactly. Call `set_epoch(epoch)` before iterating
-each epoch (that is what makes non-fixed tasks and augmentation change between epochs).
+any number of loader workers and a resumed run replays them exactly. `set_epoch(epoch)` before each epoch is what
+makes non-fixed tasks and augmentation change between epochs: for a loader from `session.loader` the engine does
+it (session.fit calls `session.set_epoch` before every epoch); iterating outside the engine, call it yourself.
 
-Each item is already a whole task: iterate with `DataLoader(tasks, batch_size=None, shuffle=True)` (or
-`session.loader(tasks, batch_size=None, shuffle=True)`); batch_size=1 adds the original's leading dimension.
+Each item is already a whole task. `session.loader(tasks, tasks_per_step, shuffle=True)` (the scripts; an integer
+batch size, the global one, split over the ranks) stacks tasks along a leading axis [T, ...]: tasks_per_step=1 is
+the original's leading dimension of 1. A plain `DataLoader(tasks, batch_size=None, shuffle=True)` yields the
+tasks one by one, without that axis.
 If the flat dataset rotates (rotate_aug), its rotated copies are classes of their own, label + n_cls * k.
 """
 import logging
