@@ -3,9 +3,15 @@
 import torch
 
 from engine import hydra_main
+from methods.mela_jobs import MetaLearningJob, val_evaluator
 from methods.scripts import FINE_TUNE
-from methods.mela import (PRETRAINED_STEPS, MetaLearningJob, check_architecture, fine_tune_network, load_step,
-                          pretrained_backbone, validator)
+from methods.step_checkpoints import (
+    PRETRAINED_STEPS,
+    check_architecture,
+    fine_tune_network,
+    load_step,
+    pretrained_backbone,
+)
 
 
 @hydra_main(FINE_TUNE)
@@ -14,7 +20,7 @@ def main(cfg, session):
     check_architecture(payload, cfg.model, "pretrained_model", path)
     network = session.prepare(fine_tune_network(pretrained_backbone(payload, cfg.model)))
     opt = torch.optim.AdamW(network.head.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    evaluator = validator(cfg, session, cfg.val_n_ways, cfg.test_C)
+    evaluator = val_evaluator(cfg, session, cfg.val_n_ways, cfg.test_C)
     job = MetaLearningJob(cfg, session, network, opt, evaluator, validate_from=0)  # validated every epoch
     return session.fit(job, cfg.epochs)
 

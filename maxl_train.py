@@ -1,8 +1,8 @@
 """MAXL and its baselines: `python maxl_train.py method=single|human|random|maxl|maxl_first_order [key=value ...]`."""
 from dataset.hierarchical import load_hierarchical
 from engine import hydra_main
-from methods.scripts import MAXL_TRAIN
 from methods.maxl import MaxlJob
+from methods.scripts import MAXL_TRAIN
 
 
 @hydra_main(MAXL_TRAIN)

@@ -4,10 +4,10 @@ import csv
 import json
 
 from engine import hydra_main
+from methods.fewshot_eval import FewShotEvaluator, results_table
+from methods.optimizers import int_list
 from methods.scripts import META_EVAL
-from methods.fewshot_eval import results_table
-from methods.mela import (EVALUATED_STEPS, FewShotEvaluator, check_architecture, feature_model, int_list,
-                          load_step)
+from methods.step_checkpoints import EVALUATED_STEPS, check_architecture, feature_model, load_step
 
 
 @hydra_main(META_EVAL)

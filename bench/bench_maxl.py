@@ -36,9 +36,9 @@ def build_job(method: str, args, channels_last: bool, scratch: str):
     from dataset.cifar100 import hierarchy_labels
     from dataset.hierarchical import HierarchicalData
     from engine import Session, compose
-    from methods.scripts import SCRIPTS
     from engine.script import Script
     from methods.maxl import MaxlJob
+    from methods.scripts import SCRIPTS
 
     cfg = compose(SCRIPTS["maxl_train"], [f"method={method}", f"model.width_mult={args.width}", f"batch_size={args.batch_size}",
                                  f"device={args.device}", f"channels_last={channels_last}", "num_workers=0",
@@ -62,7 +62,7 @@ def reference_steps(job, x, targets):
     """The reference's phase-1 and meta iterations (see the module docstring)."""
     from torch.func import functional_call
 
-    from methods.losses import focal_loss, negative_batch_entropy
+    from methods.losses import focal_loss, negative_entropy
     from methods.maxl import batch_statistics
 
     model, generator, gamma, y = job.model, job.generator, job.cfg.focal_gamma, targets[:, 0]
@@ -91,7 +91,8 @@ def reference_steps(job, x, targets):
         fast = {n: p - job.cfg.lr * g for (n, p), g in zip(params.items(), grads)}
         with batch_statistics(model):
             after = functional_call(model, fast, (x,))[0]
-        (focal_loss(after.log_softmax(1), y, gamma) + job.cfg.entropy_weight * negative_batch_entropy(soft)).backward()
+        entropy = negative_entropy(soft.mean(0))  # the batch-mean label distribution's (one process)
+        (focal_loss(after.log_softmax(1), y, gamma) + job.cfg.entropy_weight * entropy).backward()
         job.gen_optimizer.step()
 
     return phase1, meta

@@ -32,11 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.launch import run_processes  # noqa: E402
 from engine import Session, compose  # noqa: E402
-from methods.scripts import SCRIPTS  # noqa: E402
+from engine.metrics import MeanTracker  # noqa: E402
 from engine.script import Script  # noqa: E402
 from methods.fewshot_eval import extract_features, task_accuracies  # noqa: E402
-from methods.meta_ls import MetaLS, meta_train_epoch  # noqa: E402
-from methods.supervised import build_classifier, supervised_train_epoch  # noqa: E402
+from methods.meta_ls import MetaLS, meta_train_step  # noqa: E402
+from methods.scripts import SCRIPTS  # noqa: E402
+from methods.supervised import build_classifier, supervised_train_step  # noqa: E402
 from models import create_model  # noqa: E402
 
 BENCHES = ("meta_step", "meta_eval", "supervised", "features")
@@ -73,6 +74,14 @@ def local_share(total: int, session: Session, flag: str) -> int:
     return total // session.world_size
 
 
+def train_epoch(step, model, batches, optimizer, session: Session) -> dict:
+    """A training epoch as the engine runs one: `step` (meta_train_step, supervised_train_step) on every batch."""
+    tracker = MeanTracker()
+    for batch in batches:
+        step(model, batch, optimizer, session, tracker)
+    return tracker.result(session)
+
+
 def timed_epoch(run_epoch, args, session: Session) -> float:
     """Seconds for `--iters` steps of a real training epoch, after a one-step warm-up epoch, all ranks together."""
     run_epoch(1)
@@ -95,7 +104,8 @@ def bench_meta_step(args, session: Session):
     t = local_share(args.tasks_per_step, session, "--tasks-per-step")
     task = (torch.randn(t, n * k, 3, size, size), torch.arange(n).repeat_interleave(k).expand(t, -1),
             torch.randn(t, n * q, 3, size, size), torch.arange(n).repeat_interleave(q).expand(t, -1))
-    seconds = timed_epoch(lambda steps: meta_train_epoch(learner, [task] * steps, optimizer, session), args, session)
+    seconds = timed_epoch(lambda steps: train_epoch(meta_train_step, learner, [task] * steps, optimizer, session),
+                          args, session)
     tasks_per_s = args.iters * args.tasks_per_step / seconds
     return {"seconds_per_step": round(seconds / args.iters, 4), "tasks_per_s": round(tasks_per_s, 3),
             "images_per_step": args.tasks_per_step * n * (k + q), "tasks_per_step": args.tasks_per_step,
@@ -128,8 +138,9 @@ def bench_supervised(args, session: Session):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     b = local_share(args.batch_size, session, "--batch-size")
     batch = (torch.randn(b, 3, args.image_size, args.image_size), torch.randint(0, args.sup_classes * 4, (b,)))
-    seconds = timed_epoch(lambda steps: supervised_train_epoch(train_model, [batch] * steps, optimizer, session),
-                          args, session)
+    seconds = timed_epoch(
+        lambda steps: train_epoch(supervised_train_step, train_model, [batch] * steps, optimizer, session), args,
+        session)
     return {"images_per_s": round(args.iters * args.batch_size / seconds, 2), "batch_size": args.batch_size,
             "image_size": args.image_size, "width": args.width, "classes": args.sup_classes * 4}
 

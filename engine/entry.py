@@ -18,7 +18,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from engine.config import CONFIG_DIR, SCRIPTS, validate_and_name  # importing engine.config registers the run-name resolvers
+from engine.config import (  # importing engine.config registers the run-name resolvers
+    CONFIG_DIR,
+    SCRIPTS,
+    validate_and_name,
+)
 from engine.errors import ERROR_FILE, RunInterrupted, UserError
 from engine.help import register_help
 from engine.script import Script
@@ -153,7 +157,8 @@ def hydra_main(script: Script):
 def compose(script: Script, overrides: list[str]):
     """The config a script would get with these command-line overrides, validated and named, outside a Hydra run
     (tests, benches)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     register(script)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):

@@ -4,31 +4,22 @@ A script builds its parts from the config and a `Session`, then calls `session.f
 """
 import logging
 import os
-import random
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from engine.distributed import (SeededBatches, ShardedShuffleSampler, ShardSampler, adopt_submitit_ranks,
-                                is_distributed)
+from engine.distributed import SeededBatches, ShardedShuffleSampler, ShardSampler, adopt_submitit_ranks, is_distributed
 from engine.errors import UserError
+from engine.rng import seed_everything
 from engine.runs import RunLock, clear_run, decide_resume, remove_interrupted_writes
 from engine.script import Script
 from engine.workspace import DEFAULT_WORKSPACE
 
 log = logging.getLogger("metalabel")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (every device); data-loader workers are seeded from torch (see `loader`)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def _quiet_worker(worker_id: int) -> None:

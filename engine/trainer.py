@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 
-from engine.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
+from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.config import leaves
 from engine.distributed import gather_objects, is_distributed
 from engine.errors import RunInterrupted, UserError
 from engine.metrics import MeanTracker, MetricsWriter
-from engine.session import seed_everything
+from engine.rng import capture_rng_state, restore_rng_state, seed_everything
 from engine.settings import neutral_keys
 
 log = logging.getLogger("metalabel")
@@ -77,6 +77,11 @@ class TrainingJob(ABC):
     def summarize(self, history: list[dict]) -> dict:
         return {}
 
+    def checkpoint_extras(self) -> dict:
+        """Entries added to every checkpoint the job writes, next to the engine's own (which they cannot replace):
+        what a later reader of the checkpoint needs to know about its state."""
+        return {}
+
 
 class StopSignals:
     """While training: SIGTERM, SIGUSR1 and SIGINT (and submitit's SIGUSR2) only note that the run must stop; the
@@ -120,6 +125,7 @@ def _agree(session, local: list[int]) -> list[int]:
 def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict, rng_states: list,
                        position: dict | None = None) -> dict:
     return {
+        **job.checkpoint_extras(),  # first: the engine's entries win
         "script": session.script,
         "epoch": epoch,  # the last completed epoch
         "position": position,  # None at an epoch end; else where inside epoch + 1 the run stopped

@@ -1,4 +1,5 @@
-"""Where data and checkpoints live: `$WORKSPACE/metaL_data` and `$WORKSPACE/checkpoint` (the original layout)."""
+"""Where data and checkpoints live: `$WORKSPACE/metaL_data` and `$WORKSPACE/checkpoint` (the original layout; the
+configs place checkpoints with `checkpoint_dir: ${workspace}/checkpoint/...`)."""
 import os
 from pathlib import Path
 
@@ -12,7 +13,3 @@ def workspace_root() -> Path:
 
 def data_root() -> Path:
     return workspace_root() / "metaL_data"
-
-
-def checkpoint_root() -> Path:
-    return workspace_root() / "checkpoint"

@@ -9,6 +9,10 @@ same labels, and the same for every model, run and worker. A scikit-learn Logist
 max_iter=1000, fit_intercept) is fit on the support set's features in float64 (as the original hands it numpy
 float64 arrays); the score is the query accuracy (0-1). Results are the mean and the 95% t-interval half-width
 sem * t.ppf(0.975, n-1) (`engine.metrics.mean_ci95`), per sub-dataset and over all tasks together.
+
+In a run (validation during training, meta_eval), `FewShotEvaluator` does this on one split of the run's dataset,
+each rank encoding a shard of the images (`gathered_features`); `accuracy_metrics` turns its results into metrics
+rows and `best_monitors` names the `best*.pt` checkpoints that follow them.
 """
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -20,12 +24,15 @@ import torch.nn.functional as F
 from joblib import Parallel, delayed
 from sklearn.linear_model import LogisticRegression
 
-from engine.distributed import gather_objects, is_distributed
+from dataset.fewshot import FlatDataset, load_split
+from dataset.fewshot.tasks import check_tasks_fit
+from engine.distributed import gather_objects, gather_shards, is_distributed
 from engine.errors import UserError
 from engine.metrics import mean_ci95
 from engine.settings import POSITIVE, POSITIVE_INT, Boolean, IntegerList, setting
 
 NORM_EPS = 1e-8
+EVAL_BATCH = 256  # images per forward when extracting features (no autograd: large batches are cheap)
 
 
 @dataclass
@@ -92,12 +99,7 @@ class TaskSampler:
         self.classes = labels[np.sort(first_seen)]
         self.members = {c: np.flatnonzero(labels == c) for c in self.classes}
         self.n_ways, self.n_shots, self.n_queries = n_ways, n_shots, n_queries
-        if n_ways > len(self.classes):
-            raise UserError(f"n_ways={n_ways} but the {split} split has only {len(self.classes)} classes: lower n_ways")
-        smallest = min(self.members, key=lambda c: len(self.members[c]))
-        if n_shots + n_queries > len(self.members[smallest]):
-            raise UserError(f"n_shots + n_queries = {n_shots} + {n_queries} but class {smallest} of the {split} split "
-                            f"has only {len(self.members[smallest])} images: lower n_shots or n_queries")
+        check_tasks_fit(labels, f"the {split} split", n_ways, n_shots, n_queries)
 
     def task(self, index: int):
         rng = np.random.RandomState(index)
@@ -158,21 +160,58 @@ def evaluate_splits(splits: Mapping[str, tuple[torch.Tensor, torch.Tensor]], n_w
     return results
 
 
-def evaluate_model(model: torch.nn.Module, loaders: Mapping[str, object], device: torch.device | str,
-                   n_ways: int, shots: Sequence[int], n_queries: int, n_tasks: int, C: float = 1.0,
-                   use_bias: bool = True, is_norm: bool = True, n_jobs: int = 1, progress=None):
-    """`evaluate_splits` on the features `model` gives for each loader (name -> loader of one split)."""
-    splits = {name: extract_features(model, loader, device, progress, normalize=is_norm)
-              for name, loader in loaders.items()}
-    return evaluate_splits(splits, n_ways, shots, n_queries, n_tasks, C, use_bias, n_jobs)
+# ---- in a run: the features of a split's sub-datasets, the evaluator, its metrics --------------------------
+
+def gathered_features(model, flat: FlatDataset, session, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features [M, d] (float32, whatever the run's precision) and labels of every image of `flat`, in order, on
+    every rank: in a distributed run each rank encodes a shard (items r, r + world, ...) and the shards are
+    gathered."""
+    loader = session.loader(flat, EVAL_BATCH * session.world_size, shuffle=False)
+    features, labels = extract_features(model, loader, session.device, session.progress, normalize=normalize)
+    return gather_shards(features), gather_shards(labels)
 
 
-def flat_metrics(results: dict[int, dict[str, tuple[float, float]]], prefix: str = "val") -> dict[str, float]:
-    """{"val/5shot/aircraft": mean, "val/5shot/aircraft_ci95": half, ...} for the engine's metrics rows."""
-    return {f"{prefix}/{shots}shot/{name}{suffix}": value
-            for shots, per_split in results.items() for name, (mean, half) in per_split.items()
-            for suffix, value in (("", mean), ("_ci95", half))}
+class FewShotEvaluator:
+    """Logistic regression on the features of one split (per sub-dataset and overall), for validation during
+    training and for meta_eval. Features are extracted once per call; in a distributed run the tasks are shared
+    out across ranks and their scores gathered before the intervals."""
 
+    def __init__(self, cfg, session, split: str, n_ways: int, shots: list[int], C: float):
+        self.session, self.n_ways, self.shots, self.C = session, n_ways, shots, C
+        self.n_queries, self.n_tasks = cfg.n_queries, cfg.test_db_size
+        self.use_bias, self.is_norm = cfg.use_bias, cfg.is_norm
+        self.subsets = load_split(cfg.dataset, split)
+        # Checked now, not when validation first runs (epochs later); the training scripts validate with
+        # val_n_ways, sup_baseline and meta_eval with n_ways.
+        ways_key = "val_n_ways" if "val_n_ways" in cfg else "n_ways"
+        for sub in self.subsets:
+            check_tasks_fit(sub.flat.labels, f"the {split} split of {sub.name}", n_ways, max(shots), self.n_queries,
+                            ways_key, "val_n_shots")
+
+    def __call__(self, model) -> dict[int, dict[str, tuple[float, float]]]:
+        splits = {sub.name: gathered_features(model, sub.flat, self.session, self.is_norm) for sub in self.subsets}
+        return evaluate_splits(splits, self.n_ways, self.shots, self.n_queries, self.n_tasks, self.C,
+                               self.use_bias)
+
+
+def accuracy_metrics(results, prefix: str) -> dict[str, float]:
+    """`<prefix>/<k>shot` (overall mean), `..._ci95`, and with several sub-datasets `<prefix>/<k>shot/<name>`."""
+    metrics = {}
+    for shots, per_split in results.items():
+        for name, (mean, half) in per_split.items():
+            if name != "overall" and len(per_split) == 2:
+                continue  # a single sub-dataset is the overall result
+            key = f"{prefix}/{shots}shot" + ("" if name == "overall" else f"/{name}")
+            metrics[key], metrics[f"{key}_ci95"] = mean, half
+    return metrics
+
+
+def best_monitors(shots: list[int]) -> dict[str, str]:
+    """`best.pt` follows the first validated shot count (the next step's default); `best_<k>shot.pt` the others."""
+    return {("best" if i == 0 else f"best_{k}shot"): f"val/{k}shot" for i, k in enumerate(shots)}
+
+
+# ---- tables of results ---------------------------------------------------------------------------------------
 
 def results_table(results: Mapping[str, dict[int, dict[str, tuple[float, float]]]], sub_datasets: bool = True) -> str:
     """A text table, one row per (evaluated model, sub-dataset), one column per shot count: accuracy in percent

@@ -24,15 +24,10 @@ def soft_target_gradient(logits: torch.Tensor, gamma: float) -> torch.Tensor:
 
 
 def negative_entropy(distribution: torch.Tensor) -> torch.Tensor:
-    """sum_k m_k log m_k. Classes with m_k = 0 (exactly: the masked softmax gives exact zeros) contribute 0 with a
-    finite gradient, since the log is taken of max(m, tiny)."""
+    """sum_k m_k log m_k; of the batch-mean label distribution, MAXL's anti-collapse regulariser (minimising it
+    spreads the batch over every auxiliary class). Classes with m_k = 0 (exactly: the masked softmax gives exact
+    zeros) contribute 0 with a finite gradient, since the log is taken of max(m, tiny)."""
     return (distribution * distribution.clamp_min(torch.finfo(distribution.dtype).tiny).log()).sum()
-
-
-def negative_batch_entropy(soft_labels: torch.Tensor) -> torch.Tensor:
-    """MAXL's anti-collapse regulariser: the negative entropy of the batch-mean label distribution; minimising
-    it spreads the batch over every auxiliary class."""
-    return negative_entropy(soft_labels.mean(0))
 
 
 def sample_entropy(soft_labels: torch.Tensor) -> torch.Tensor:

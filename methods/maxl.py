@@ -25,11 +25,27 @@ from dataset.hierarchical import HierarchicalData, ImageDataset, image_transform
 from engine.distributed import all_reduce_mean_, all_reduce_sum_, gather_shards, is_distributed
 from engine.errors import UserError
 from engine.metrics import MeanTracker
-from engine.settings import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, AnyOf, BatchSettings, EpochSettings, IntegerList,
-                             Null, OneOf, setting)
+from engine.settings import (
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_INT,
+    AnyOf,
+    BatchSettings,
+    EpochSettings,
+    IntegerList,
+    Null,
+    OneOf,
+    setting,
+)
 from engine.trainer import Phase, TrainingJob
-from methods.losses import (at_least_float32, focal_loss, gradient_cosine, negative_entropy, sample_entropy,
-                            soft_target_gradient)
+from methods.losses import (
+    at_least_float32,
+    focal_loss,
+    gradient_cosine,
+    negative_entropy,
+    sample_entropy,
+    soft_target_gradient,
+)
 from models import create_model
 from models.resnet import dropblock_schedules_paused
 

@@ -19,9 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.metrics import MeanTracker
 from engine.settings import POSITIVE, POSITIVE_INT, Boolean, OneOf, setting
-from methods.training import guarded_step
+from methods.training import SKIPPED_STEPS, guarded_step
 
 POSITIVE_PAIRS = ("same_set", "same_class")
 
@@ -140,15 +139,7 @@ def meta_train_step(learner: nn.Module, batch, optimizer: torch.optim.Optimizer,
             return learner(support_x, support_y, query_x, query_y)
 
     metrics = guarded_step(compute, optimizer)
-    tracker.total("train/skipped_steps", int(metrics is None))
+    tracker.total(SKIPPED_STEPS, int(metrics is None))
     n_tasks = len(support_x) if support_x.dim() == 5 else 1
     for name, value in (metrics or {}).items():
         tracker.add(f"train/{name}", value, count=n_tasks)
-
-
-def meta_train_epoch(learner: nn.Module, loader, optimizer: torch.optim.Optimizer, session) -> dict[str, float]:
-    """`meta_train_step` over every batch of `loader`, outside the engine's loop (tests, benches): the means."""
-    tracker = MeanTracker()
-    for batch in loader:
-        meta_train_step(learner, batch, optimizer, session, tracker)
-    return tracker.result(session)

@@ -10,35 +10,16 @@ from dataset.fewshot.tasks import TaskShapeSettings, TrainingTaskSettings
 from dataset.fewshot.transforms import AugmentSettings
 from engine.entry import register
 from engine.script import Script
-from engine.settings import (NON_NEGATIVE, POSITIVE, AnyOf, BatchSettings, Boolean, EngineSettings, EpochSettings,
-                             Integer, IntegerList, Null, Number, OneOf, Text, setting)
+from engine.settings import AnyOf, BatchSettings, EngineSettings, EpochSettings, Integer, Null, OneOf, Text, setting
 from methods.fewshot_eval import ClassifierSettings, EvaluationSettings, ValidationSettings
 from methods.labeler import LabelerSettings
 from methods.maxl import MaxlSettings
 from methods.meta_ls import MetaLSSettings, RidgeSettings
+from methods.optimizers import ScheduleSettings, SGDSettings
 from models import model_settings
 
 CHECKPOINT = AnyOf((Null("not set"), Text("the run name or .pt path of a checkpoint")))
 SPLITS = ("train", "val", "test")
-
-
-@dataclass
-class ScheduleSettings:
-    """The optimiser's rate and its MultiStepLR schedule."""
-
-    learning_rate: float = setting(0.05, POSITIVE, "the optimiser's learning rate")
-    lr_decay_epochs: list = setting([17, 22], IntegerList(0, "[17,22]"), "MultiStepLR milestones (also '17,22' or "
-                                    "one integer); validation starts at the first")
-    lr_decay_rate: float = setting(0.1, POSITIVE, "MultiStepLR's factor")
-    weight_decay: float = setting(5e-4, NON_NEGATIVE, "L2 weight decay")
-
-
-@dataclass
-class SGDSettings(ScheduleSettings):
-    """SGD with momentum, or Adam."""
-
-    SGD: bool = setting(True, Boolean(), "false: Adam(learning_rate, weight_decay)")
-    momentum: float = setting(0.9, Number(minimum=0, below=1), "SGD's momentum")
 
 
 @dataclass

@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from engine.metrics import MeanTracker
-from methods.training import guarded_step
+from methods.training import SKIPPED_STEPS, guarded_step
 from models.classifier import Classifier, MultiHeadClassifier
 
 ROTATIONS = 4
@@ -59,14 +58,6 @@ def supervised_train_step(model: nn.Module, batch, optimizer: torch.optim.Optimi
         return loss, {"loss": loss.detach(), "acc": correct_share(logits, targets)}
 
     metrics = guarded_step(compute, optimizer)
-    tracker.total("train/skipped_steps", int(metrics is None))
+    tracker.total(SKIPPED_STEPS, int(metrics is None))
     for name, value in (metrics or {}).items():
         tracker.add(f"train/{name}", value, count=len(images))
-
-
-def supervised_train_epoch(model: nn.Module, loader, optimizer: torch.optim.Optimizer, session) -> dict[str, float]:
-    """`supervised_train_step` over every batch of `loader`, outside the engine's loop (tests, benches)."""
-    tracker = MeanTracker()
-    for batch in loader:
-        supervised_train_step(model, batch, optimizer, session, tracker)
-    return tracker.result(session)

@@ -5,6 +5,7 @@ import torch
 import torch.distributed as dist
 
 RETRIES = 6  # recomputations of a non-finite loss before the step is skipped (the reference's count)
+SKIPPED_STEPS = "train/skipped_steps"  # the tracker total of the steps skipped for a non-finite loss
 
 
 def _finite_on_all_ranks(loss: torch.Tensor) -> bool:

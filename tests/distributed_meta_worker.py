@@ -7,8 +7,9 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import methods.maxl as maxl  # noqa: E402
 from tests_distributed_data import batch_and_nets  # noqa: E402
+
+import methods.maxl as maxl  # noqa: E402
 
 
 def main(out: Path):

@@ -6,12 +6,12 @@ import sys
 
 import pytest
 import torch
-
-import methods.maxl as maxl
 from conftest import ROOT
-from engine.metrics import NOT_COMPARED, read_metrics
 from test_preemption import interrupt_in_second_epoch
 from tests_distributed_data import batch_and_nets
+
+import methods.maxl as maxl
+from engine.metrics import NOT_COMPARED, read_metrics
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
 

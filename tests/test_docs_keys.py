@@ -9,9 +9,9 @@ Hydra and are not checked here.
 import re
 
 import pytest
+from conftest import ROOT
 from omegaconf import OmegaConf
 
-from conftest import ROOT
 from engine import compose
 from methods.scripts import SCRIPTS
 from tools import config_docs

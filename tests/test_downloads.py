@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mela_data_layouts import write_mini_imagenet, write_ximagenet
 
 import dataset.downloads as downloads
 from dataset.downloads import download, read_manifest
 from engine.errors import UserError
-from mela_data_layouts import write_mini_imagenet, write_ximagenet
 from tools.download import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,8 +14,14 @@ from sklearn.linear_model import LogisticRegression
 from dataset.fewshot import FlatDataset, ImageTransform
 from engine.errors import UserError
 from engine.metrics import mean_ci95
-from methods.fewshot_eval import TaskSampler, evaluate_splits, extract_features, flat_metrics, task_accuracies
-from methods.mela import gathered_features
+from methods.fewshot_eval import (
+    TaskSampler,
+    accuracy_metrics,
+    evaluate_splits,
+    extract_features,
+    gathered_features,
+    task_accuracies,
+)
 from tools import fewshot_table
 
 
@@ -189,15 +195,20 @@ def test_overall_concatenates_the_splits_tasks():
     scores = np.concatenate([task_accuracies(*a, 5, 1, 5, 3), task_accuracies(*b, 5, 1, 5, 3)])
     assert results[1]["overall"] == pytest.approx(mean_ci95(scores))
     assert results[1]["a"] == pytest.approx(mean_ci95(scores[:3]))
-    assert set(flat_metrics(results)) == {"val/1shot/a", "val/1shot/a_ci95", "val/1shot/b", "val/1shot/b_ci95",
-                                          "val/1shot/overall", "val/1shot/overall_ci95"}
+    assert accuracy_metrics(results, "val") == {
+        "val/1shot": results[1]["overall"][0], "val/1shot_ci95": results[1]["overall"][1],
+        "val/1shot/a": results[1]["a"][0], "val/1shot/a_ci95": results[1]["a"][1],
+        "val/1shot/b": results[1]["b"][0], "val/1shot/b_ci95": results[1]["b"][1]}
+    one = evaluate_splits({"a": a}, n_ways=5, shots=[1], n_queries=5, n_tasks=3)
+    assert set(accuracy_metrics(one, "val")) == {"val/1shot", "val/1shot_ci95"}  # one sub-dataset: overall only
 
 
 def test_bad_requests_name_the_numbers():
     _, labels = split_features(n_classes=4, per_class=10)
-    with pytest.raises(UserError, match="n_ways=5 but the test split has only 4 classes"):
+    with pytest.raises(UserError, match="^n_ways=5 but the test split has only 4 classes: lower n_ways to at most 4$"):
         TaskSampler(labels.numpy(), 5, 1, 5, split="test")
-    with pytest.raises(UserError, match=r"n_shots \+ n_queries = 5 \+ 6 but class .* has only 10 images"):
+    with pytest.raises(UserError, match=r"^n_shots=5 with n_queries=6 takes 11 images per class but class \d+ of the test split has 10: lower "
+                                         r"n_shots or n_queries$"):
         TaskSampler(labels.numpy(), 3, 5, 6, split="test")
 
 

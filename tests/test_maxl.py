@@ -12,10 +12,16 @@ import methods.maxl as maxl
 from dataset import cifar100
 from dataset.hierarchical import HierarchicalData
 from engine.errors import UserError
-from methods.losses import focal_loss, gradient_cosine, negative_batch_entropy
+from methods.losses import focal_loss, gradient_cosine, negative_entropy
 from models import create_model
 from models.maxl_nets import block_mask, masked_softmax
 from models.resnet import DropBlock, dropblock_schedules_paused
+
+
+def negative_batch_entropy(soft_labels: torch.Tensor) -> torch.Tensor:
+    """The reference's anti-collapse regulariser in one process: the negative entropy of the batch-mean label
+    distribution (methods.maxl takes the mean over every rank's batch)."""
+    return negative_entropy(soft_labels.mean(0))
 
 
 def cifar_like(n_per_fine=1):
@@ -307,9 +313,10 @@ def test_virtual_steps_leave_batch_norm_running_statistics_untouched(first_order
 # ---- the multi-task step -------------------------------------------------------------------------------
 
 def make_job(method, tmp_path, **overrides):
+    from dataclasses import replace
+
     from engine import Session, compose
     from methods.scripts import SCRIPTS
-    from dataclasses import replace
 
     settings = {"method": method, "model.width_mult": 1 / 16, "batch_size": 20, "device": "cpu",
                 "num_workers": 0, "dataset": "cifar100", "channels_last": False, **overrides}

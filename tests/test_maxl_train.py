@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import one_line_error, run_script
+
 from engine.metrics import read_metrics
 
 BASE = ["model.width_mult=0.0625", "device=cpu", "num_workers=0", "progress=false", "batch_size=50", "cossim_every=3"]

@@ -133,9 +133,9 @@ def test_rotated_copies_are_classes_of_their_own():
 
 def test_impossible_tasks_are_user_errors():
     flat = toy_flat([10, 10, 10, 4])
-    with pytest.raises(UserError, match=r"n_ways=5 but it has only 4 classes: lower n_ways"):
+    with pytest.raises(UserError, match=r"n_ways=5 but dataset .* has only 4 classes: lower n_ways to at most 4"):
         TaskDataset(flat, n_ways=5, n_shots=1, n_queries=1)
-    with pytest.raises(UserError, match=r"n_shots\+n_queries=5 images per class but class 3 has 4"):
+    with pytest.raises(UserError, match=r"n_shots=\d+ with n_queries=\d+ takes 5 images per class but class 3 of dataset .* has 4"):
         TaskDataset(flat, n_ways=3, n_shots=2, n_queries=3)
     with pytest.raises(UserError, match="db_size=None: no_replacement=false draws db_size random tasks"):
         TaskDataset(flat, n_ways=3, n_shots=1, n_queries=1, no_replacement=False)

@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 import torch
+from mela_data_layouts import write_h_aircraft, write_metadataset, write_mini_imagenet
 
 from dataset.fewshot import FlatDataset, ImageTransform, dataset_config, load_split
-from mela_data_layouts import write_h_aircraft, write_metadataset, write_mini_imagenet
 
 CLASSES = {"train": 4, "val": 3, "test": 3}
 

@@ -10,13 +10,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from train_epochs import meta_train_epoch, supervised_train_epoch
 
 from dataset.fewshot import FlatDataset, TaskDataset, dataset_config, load_split
 from engine.errors import UserError
 from methods import labeler
 from methods.fewshot_eval import evaluate_splits, extract_features
-from methods.meta_ls import MetaLS, meta_train_epoch
-from methods.supervised import build_classifier, supervised_train_epoch
+from methods.meta_ls import MetaLS
+from methods.supervised import build_classifier
 from models import create_model
 
 SESSION = SimpleNamespace(progress=lambda iterable, desc: iterable, to_device=lambda t: t, world_size=1,

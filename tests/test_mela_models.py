@@ -6,9 +6,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from train_epochs import supervised_train_epoch
 
 from engine.errors import UserError
-from methods.supervised import build_classifier, classification_loss, head_classes, supervised_train_epoch
+from methods.supervised import build_classifier, classification_loss, head_classes
 from models import create_model
 from models.classifier import Classifier, MultiHeadClassifier
 from models.resfc import FrozenBackboneHead, ResFC

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import one_line_error, run_script
+
 from engine.metrics import read_metrics
 
 TINY = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_workers=0", "progress=false",
@@ -38,11 +38,13 @@ def chain(tmp_path_factory):
 
 def test_each_training_step_writes_its_checkpoints_and_metrics(chain):
     root, workspace, results = chain
-    for script, name in (("learn_meta_repr", "lmr"), ("learn_labeler", "ll"), ("fine_tune", "ft"),
-                         ("sup_baseline", "sb")):
+    for script, name, prefix in (("learn_meta_repr", "lmr", ""), ("learn_labeler", "ll", "backbone."),
+                                 ("fine_tune", "ft", "backbone."), ("sup_baseline", "sb", "backbone.")):
         assert results[script].returncode == 0, results[script].stderr
         payload = torch.load(saves(workspace, name) / "best.pt", weights_only=True)
         assert payload["script"] == script and "model:" in payload["config"]
+        # where the backbone is in state["model"], for the next step and meta_eval
+        assert payload["backbone_prefix"] == prefix and payload["resfc_head"] == (script == "fine_tune")
         [metrics] = (root / "logs" / script / name).glob("*/metrics.csv")
         [row] = read_metrics(metrics)
         assert 0 <= row["val/5shot"] <= 1 and row["val/5shot_ci95"] >= 0
@@ -91,7 +93,7 @@ def test_meta_eval_prints_and_writes_intervals(chain):
                              "written by learn_meta_repr.py"),
     ("meta_eval.py", [], "pretrained_model is not set"),
     ("fine_tune.py", ["pretrained_model=nothing_here"], "no checkpoint at"),
-    ("learn_meta_repr.py", ["n_ways=20"], "n_ways=20 but it has only 10 classes"),
+    ("learn_meta_repr.py", ["n_ways=20"], "n_ways=20 but dataset synthetic_fs/train has only 10 classes"),
     ("learn_meta_repr.py", ["n_shots=20", "n_queries=15"], "n_shots+n_queries=35 images per class"),
 ])
 def test_bad_inputs_fail_with_one_line(script, overrides, message, tmp_path, workspace):

@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from train_epochs import meta_train_epoch
 
-from methods.meta_ls import MetaLS, hinge_targets, meta_ls_loss, meta_train_epoch, ridge_weights, with_intercept
+from methods.meta_ls import MetaLS, hinge_targets, meta_ls_loss, ridge_weights, with_intercept
 from models import create_model
 
 N_WAYS, SHOTS, QUERIES, DIM, LAM = 3, 2, 4, 5, 0.3

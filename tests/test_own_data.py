@@ -5,11 +5,11 @@ import pickle
 
 import numpy as np
 import pytest
-from hydra import compose as hydra_compose, initialize_config_dir
-
-import methods.scripts  # noqa: F401  (registers the scripts' settings with Hydra)
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from PIL import Image
 
+import methods.scripts  # noqa: F401  (registers the scripts' settings with Hydra)
 from dataset import own_data
 from dataset.fewshot import dataset_config, load_split
 from dataset.fewshot.sources import check_config as check_fewshot_config

@@ -5,9 +5,9 @@ import pickle
 
 import numpy as np
 import torch
+from conftest import one_line_error, run_script
 from PIL import Image
 
-from conftest import one_line_error, run_script
 from engine.metrics import read_metrics
 
 TINY = ["device=cpu", "num_workers=0", "progress=false"]

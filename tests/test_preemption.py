@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from engine.errors import RunInterrupted
 from engine.metrics import NOT_COMPARED, read_metrics
 
@@ -127,9 +127,9 @@ def maxl_fit(tmp_path, name, stop_at=None):
     """Build and fit a tiny MAXL job as maxl_train.py does; `stop_at` = (epoch, phase, step) sends SIGTERM there."""
     from dataset.hierarchical import load_hierarchical
     from engine.entry import compose
-    from methods.scripts import SCRIPTS
     from engine.session import Session
     from methods.maxl import MaxlJob
+    from methods.scripts import SCRIPTS
 
     cfg = compose(SCRIPTS["maxl_train"], [*MAXL, "num_workers=0", "epochs=2", f"name={name}"])
     session = Session(cfg, tmp_path / "logs" / name, SCRIPTS["maxl_train"])

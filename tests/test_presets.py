@@ -13,10 +13,11 @@ import pytest
 import scipy.stats
 import torch
 import yaml
-from hydra import compose as hydra_compose, initialize_config_dir
+from conftest import ROOT
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT
 from engine.entry import CONFIG_DIR, compose
 from methods.scripts import SCRIPTS
 from tools import pipeline

@@ -10,8 +10,8 @@ import pytest
 import scipy.stats
 import torch
 import yaml
-
 from conftest import ROOT
+
 from tools import report
 
 BASE = {"seed": 0, "device": "cpu", "num_workers": 0, "workspace": "/w", "method": "single", "lr": 0.01,

@@ -9,10 +9,10 @@ import pytest
 
 from engine.config import settings_hash
 from engine.entry import compose
-from methods.scripts import SCRIPTS as ALL
 from engine.errors import UserError
-from engine.settings import neutral_keys
 from engine.runs import LOCK_FILE, RunLock, clear_run, decide_resume, remove_interrupted_writes
+from engine.settings import neutral_keys
+from methods.scripts import SCRIPTS as ALL
 
 SCRIPTS = {"maxl_train": ["dataset=synthetic_hier"], "learn_meta_repr": ["dataset=synthetic_fs"],
            "learn_labeler": ["dataset=synthetic_fs"], "fine_tune": ["dataset=synthetic_fs"],

@@ -3,16 +3,16 @@ key that looks like one), the learning-rate key the script names, the job's head
 Epochs count from 1 in messages."""
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from engine import compose
-from methods.scripts import SCRIPTS
 from engine.errors import UserError
-from dataclasses import replace
 from engine.session import Session
 from engine.trainer import Phase, TrainingJob
+from methods.scripts import SCRIPTS
 
 
 class ToyJob(TrainingJob):

@@ -1,20 +1,20 @@
 """Settings are checked before any work starts: each bad value is one line naming the key, the value and what the
 key takes; checks against the data when an evaluator is built; the workspace and the SLURM launcher; --help."""
 import os
-import re
 import string
 
 import pytest
-from hydra import compose as hydra_compose, initialize_config_dir
+from conftest import ROOT, one_line_error, run_script
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, one_line_error, run_script
 from dataset.catalog import dataset_names
 from engine.config import CONFIG_DIR
 from engine.entry import check_launcher
 from engine.errors import UserError
 from engine.settings import check_workspace, declared, validate
-from methods.mela import FewShotEvaluator
+from methods.fewshot_eval import FewShotEvaluator
 from methods.scripts import SCRIPTS as ALL
 from models import model_settings
 

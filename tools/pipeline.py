@@ -30,11 +30,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from engine.checkpoint import load_checkpoint
 from engine.config import leaves
-from engine.settings import neutral_keys
 from engine.entry import compose
-from methods.scripts import SCRIPTS
 from engine.errors import UserError
+from engine.settings import neutral_keys
 from methods.fewshot_eval import read_results, results_table
+from methods.scripts import SCRIPTS
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAINING = ("learn_meta_repr", "learn_labeler", "fine_tune", "sup_baseline")

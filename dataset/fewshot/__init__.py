@@ -8,11 +8,10 @@ What a MeLa script calls (`cfg.dataset` is the `dataset=<name>` config group):
     val = load_split(cfg.dataset, "val")                              # one entry per domain / label level
     tasks = make_tasks(train, n_ways=5, n_shots=5, n_queries=15, shape="few_shot", no_replacement=True,
                        fixed_db=True, db_size=None, seed=cfg.seed)
-    loader = session.loader(tasks, batch_size=None, shuffle=True)
-    for epoch in ...:
-        tasks.set_epoch(epoch)                                        # before iterating, every epoch
-        for task in loader: ...                                       # FewShotTask or FlatTask
-    features: iterate a FlatDataset in order, e.g. session.loader(val[0].flat, batch_size=256, shuffle=False)
+    loader = session.loader(tasks, cfg.tasks_per_step, shuffle=True)  # batches of tasks stacked on a leading axis
+    # hand the loader to the engine (a Phase of a TrainingJob, run by session.fit): before every epoch it calls
+    # session.set_epoch(epoch), which tells the tasks and the loader's sampler the epoch
+    features: iterate a FlatDataset in order, e.g. session.loader(val[0].flat, 256, shuffle=False)
     sup_baseline: load_supervised_set(cfg.dataset, "train", augment=..., rotate=...)
 
 - `load_split(dataset_cfg, split, *, augment=False, rotate=False) -> list[SubDataset]`: split is train, val or

@@ -18,13 +18,26 @@ from omegaconf import OmegaConf
 from torchvision.transforms.v2 import functional as TF
 
 from dataset.fewshot.flat import FlatDataset
-from dataset.fewshot.layouts import (MINI_IMAGENET_FILES, SPLITS, checked, read_npy, read_npz_array,
-                                     read_pickled_arrays)
+from dataset.fewshot.layouts import MINI_IMAGENET_FILES, SPLITS, checked, read_npy, read_npz_array, read_pickled_arrays
 from dataset.fewshot.synthetic import ensure_synthetic_fewshot
 from dataset.fewshot.transforms import transform_from_config
-from dataset.own_data import (ARRAY_SUFFIXES, CARVE_STREAM, CLASSES_STREAM, PER_CLASS_STREAM, cap_per_class,
-                              check_per_class_and_seed, choose_classes, find_split, fit_images, list_class_folders,
-                              read_arrays, renumber, shown, subset_rng, take)
+from dataset.own_data import (
+    ARRAY_SUFFIXES,
+    CARVE_STREAM,
+    CLASSES_STREAM,
+    PER_CLASS_STREAM,
+    cap_per_class,
+    check_per_class_and_seed,
+    choose_classes,
+    find_split,
+    fit_images,
+    list_class_folders,
+    read_arrays,
+    renumber,
+    shown,
+    subset_rng,
+    take,
+)
 from dataset.safe_pickle import load_pickle
 from engine.errors import UserError
 

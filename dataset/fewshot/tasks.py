@@ -17,11 +17,14 @@ Two samplers:
 `make_tasks` (what the scripts call with `train_db_size`) reads db_size=None as the whole partition with
 no_replacement, and as DEFAULT_RANDOM_TASKS (2800, the original's train_db_size) random tasks without it.
 Augmentation inside task i draws from (seed, epoch, i), not from the worker's RNG, so tasks are the same for
-any number of loader workers and a resumed run replays them exactly. Call `set_epoch(epoch)` before iterating
-each epoch (that is what makes non-fixed tasks and augmentation change between epochs).
+any number of loader workers and a resumed run replays them exactly. `set_epoch(epoch)` before each epoch is what
+makes non-fixed tasks and augmentation change between epochs: for a loader from `session.loader` the engine does
+it (session.fit calls `session.set_epoch` before every epoch); iterating outside the engine, call it yourself.
 
-Each item is already a whole task: iterate with `DataLoader(tasks, batch_size=None, shuffle=True)` (or
-`session.loader(tasks, batch_size=None, shuffle=True)`); batch_size=1 adds the original's leading dimension.
+Each item is already a whole task. `session.loader(tasks, tasks_per_step, shuffle=True)` (the scripts; an integer
+batch size, the global one, split over the ranks) stacks tasks along a leading axis [T, ...]: tasks_per_step=1 is
+the original's leading dimension of 1. A plain `DataLoader(tasks, batch_size=None, shuffle=True)` yields the
+tasks one by one, without that axis.
 If the flat dataset rotates (rotate_aug), its rotated copies are classes of their own, label + n_cls * k.
 """
 import logging
@@ -61,6 +64,20 @@ class TrainingTaskSettings(TaskShapeSettings):
                                                       f"tasks"), POSITIVE_INT)),
                                     "tasks per sub-dataset. no_replacement: null = the whole partition, N = at "
                                     f"most N; no_replacement=false: N random tasks, null = {DEFAULT_RANDOM_TASKS}")
+
+
+def check_tasks_fit(labels, where: str, n_ways: int, n_shots: int, n_queries: int, ways_key: str = "n_ways",
+                    shots_key: str = "n_shots") -> None:
+    """The data labelled `labels` can hold n_ways-way tasks of n_shots + n_queries images per class (the one check
+    of training, labelling and evaluation tasks); the message names the keys the user sets."""
+    classes, counts = np.unique(np.asarray(labels), return_counts=True)
+    if n_ways > len(classes):
+        raise UserError(f"{ways_key}={n_ways} but {where} has only {len(classes)} classes: lower {ways_key} to at "
+                        f"most {len(classes)}")
+    smallest, needed = int(np.argmin(counts)), n_shots + n_queries
+    if needed > counts[smallest]:
+        raise UserError(f"{shots_key}={n_shots} with n_queries={n_queries} takes {needed} images per class but "
+                        f"class {classes[smallest]} of {where} has {counts[smallest]}: lower {shots_key} or n_queries")
 
 
 # Tags that keep the random streams of different purposes apart for the same (seed, epoch, index).
@@ -108,7 +125,7 @@ class TaskDataset(torch.utils.data.Dataset):
         order = np.argsort(targets, kind="stable")
         self.classes, starts, counts = np.unique(targets[order], return_index=True, return_counts=True)
         self.members = [order[s:s + c] for s, c in zip(starts, counts)]  # item indices of each class
-        self._check_buildable(counts)
+        check_tasks_fit(targets, f"dataset {flat.name}", self.n_ways, self.n_shots, self.n_queries)
         self._partition = None
         self.partition_size = None  # P: the tasks of one no-replacement partition, before the db_size cap
         self.set_epoch(0)
@@ -120,16 +137,6 @@ class TaskDataset(torch.utils.data.Dataset):
     @property
     def per_class(self) -> int:
         return self.n_shots + self.n_queries
-
-    def _check_buildable(self, counts: np.ndarray) -> None:
-        where = f"dataset {self.flat.name}"
-        if len(self.classes) < self.n_ways:
-            raise UserError(f"{where}: n_ways={self.n_ways} but it has only {len(self.classes)} classes: "
-                            f"lower n_ways to at most {len(self.classes)}")
-        smallest = int(np.argmin(counts))
-        if counts[smallest] < self.per_class:
-            raise UserError(f"{where}: a task needs n_shots+n_queries={self.per_class} images per class but class "
-                            f"{self.classes[smallest]} has {counts[smallest]}: lower n_shots or n_queries")
 
     def _rng(self, *keys: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.stream, *keys])
