@@ -81,14 +81,15 @@ def result_settings(cfg, script: Script) -> dict:
 
 
 @lru_cache(maxsize=32)
-def _default_config(script: str, choices: tuple) -> DictConfig:
+def _default_config(script: str, settings: type, choices: tuple) -> DictConfig:
+    """The script's config for the chosen group options (`settings`: its declarations, part of the cache key)."""
     return _compose_plain(script, [f"{group}={option}" for group, option in choices])
 
 
 def _default_leaves(cfg: DictConfig, script: Script, choices: tuple) -> dict:
     """The defaults' settings for the chosen group options, read with this run's neutral values (its workspace,
     data_dir ...), so that a path spelled out or taken from $WORKSPACE never renames a run."""
-    defaults = _default_config(script.name, choices).copy()
+    defaults = _default_config(script.name, script.settings, choices).copy()
     for key in neutral_keys(script.settings) & set(cfg.keys()) & set(defaults.keys()):
         defaults[key] = cfg[key]
     return leaves(defaults, skip=unnamed_settings(script), strict=False)

@@ -94,7 +94,7 @@ def test_meta_eval_prints_and_writes_intervals(chain):
     ("meta_eval.py", [], "pretrained_model is not set"),
     ("fine_tune.py", ["pretrained_model=nothing_here"], "no checkpoint at"),
     ("learn_meta_repr.py", ["n_ways=20"], "n_ways=20 but dataset synthetic_fs/train has only 10 classes"),
-    ("learn_meta_repr.py", ["n_shots=20", "n_queries=15"], "n_shots+n_queries=35 images per class"),
+    ("learn_meta_repr.py", ["n_shots=20", "n_queries=15"], "n_shots=20 with n_queries=15 takes 35 images per class"),
 ])
 def test_bad_inputs_fail_with_one_line(script, overrides, message, tmp_path, workspace):
     result = run_script(script, *TRAIN if script != "meta_eval.py" else TINY, *overrides, cwd=tmp_path,

@@ -29,7 +29,7 @@ TOY = ["epochs=1", "model.width_mult=0.125", "device=cpu", "num_workers=0", "pro
 TOY_HIER = [*TOY, "dataset=synthetic_hier", "dataset.generate.train_per_class=1", "dataset.generate.test_per_class=1",
             "batch_size=100"]
 TOY_FS = [*TOY, "test_db_size=5", "n_queries=5", "dataset.generate.images_per_class=10",
-          "dataset.generate.classes={train:5,val:5,test:5}", "batch_size=50", "learn_labeler:K=10",
+          "dataset.generate.classes={train:8,val:5,test:5}", "batch_size=50", "learn_labeler:K=10",
           "learn_labeler:no_replacement=false", "learn_labeler:train_db_size=10", "learn_labeler:std_factor=10",
           "learn_labeler:sup_rotate_aug=false", "sup_baseline:rotate_aug=false"]
 
@@ -91,7 +91,7 @@ def study_args(*extra):
 
 
 def planned(args):
-    keys = {script: set(compose(script, ["dataset=synthetic_fs"]).keys()) | {"hydra"}
+    keys = {script: set(compose(SCRIPTS[script], ["dataset=synthetic_fs"]).keys()) | {"hydra"}
             for script in (*pipeline.TRAINING, pipeline.EVALUATION)}
     chains = pipeline.chains(args, pipeline.distribute(args.overrides, keys))
     for chain in chains:

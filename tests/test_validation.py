@@ -366,13 +366,15 @@ def test_a_key_added_to_a_declaration_is_validated_documented_and_in_help(worksp
         assert compose(script, []).warmup_epochs == 0
         assert compose(script, []).name == compose(original, []).name  # a new default renames no run
         assert compose(script, ["warmup_epochs=3"]).warmup_epochs == 3
-        assert error_of("maxl_train", "warmup_epochs=-1") == \
-            "warmup_epochs=-1: warmup_epochs must be an integer >= 0"
+        with pytest.raises(UserError) as caught:
+            compose(script, ["warmup_epochs=-1"])
+        assert str(caught.value) == "warmup_epochs=-1: warmup_epochs must be an integer >= 0"
         assert "  warmup_epochs        an integer >= 0; epochs of linear learning-rate warm-up" in \
             rendered_help("maxl_train").splitlines()
         monkeypatch.setitem(config_docs.SCRIPTS, "maxl_train", script)
         assert "| `warmup_epochs` | maxl_train | an integer >= 0 | epochs of linear learning-rate warm-up |" in \
             config_docs.generated().splitlines()
     finally:
+        monkeypatch.undo()  # config_docs.SCRIPTS is methods.scripts.SCRIPTS
         register(original)
     assert error_of("maxl_train", "+warmup_epochs=3").startswith("warmup_epochs is not a setting of maxl_train.py")
