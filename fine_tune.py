@@ -5,13 +5,8 @@ import torch
 from engine import hydra_main
 from methods.mela_jobs import MetaLearningJob, val_evaluator
 from methods.scripts import FINE_TUNE
-from methods.step_checkpoints import (
-    PRETRAINED_STEPS,
-    check_architecture,
-    fine_tune_network,
-    load_step,
-    pretrained_backbone,
-)
+from methods.step_checkpoints import (PRETRAINED_STEPS, check_architecture, fine_tune_network, load_step,
+                                      pretrained_backbone)
 
 
 @hydra_main(FINE_TUNE)

@@ -5,6 +5,7 @@ Each option's `supports` says which scripts read it: `maxl` (a label hierarchy, 
 by its reader (dataset/hierarchical.py, dataset/fewshot/sources.py) before a run starts.
 """
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -18,10 +19,11 @@ VIEWS = {"maxl": "a dataset with a label hierarchy (for maxl_train.py), without 
          "mela": "a few-shot dataset without a label hierarchy"}
 
 
-def dataset_names(view: str) -> list[str]:
+@lru_cache(maxsize=4)
+def dataset_names(view: str) -> tuple[str, ...]:
     """The `dataset=` options a script reading `view` (maxl or mela) takes."""
-    return sorted(path.stem for path in DATASET_CONFIGS.glob("*.yaml")
-                  if view in (OmegaConf.load(path).get("supports") or []))
+    return tuple(sorted(path.stem for path in DATASET_CONFIGS.glob("*.yaml")
+                        if view in (OmegaConf.load(path).get("supports") or [])))
 
 
 @dataclass

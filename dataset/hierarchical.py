@@ -12,28 +12,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torchvision.transforms import v2
 
 from dataset import cifar100
 from dataset.catalog import AUTO
-from dataset.own_data import (
-    ARRAY_SUFFIXES,
-    CLASSES_STREAM,
-    LEVELS_CSV,
-    PER_CLASS_STREAM,
-    cap_per_class,
-    check_per_class_and_seed,
-    choose_classes,
-    find_split,
-    fit_images,
-    ids_from_values,
-    read_array_labels,
-    read_arrays,
-    read_levels_csv,
-    renumber,
-    subset_rng,
-    take,
-)
+from dataset.own_data import (ARRAY_SUFFIXES, CLASSES_STREAM, LEVELS_CSV, PER_CLASS_STREAM, cap_per_class,
+                              check_per_class_and_seed, choose_classes, find_split, fit_images, ids_from_values,
+                              read_array_labels, read_arrays, read_levels_csv, renumber, subset_rng, take)
 from dataset.safe_pickle import load_pickle
 from engine.errors import UserError
 
@@ -86,6 +70,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def image_transform(dataset_cfg, image_size: int, train: bool):
     """Training: RandomCrop(size, padding) [+ horizontal flip]; both: to float in [0,1], then Normalize."""
+    from torchvision.transforms import v2  # imported when first needed: scripts start faster
+
     steps = []
     if train:
         steps.append(v2.RandomCrop(image_size, padding=int(dataset_cfg.crop_padding)))

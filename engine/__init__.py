@@ -4,7 +4,8 @@ distributed ranks), the epoch loop with checkpoints and resume (`TrainingJob`, t
 Names are imported on first use, so that `engine.errors` and `engine.workspace` stay cheap for command-line tools.
 """
 
-_LAZY = {"hydra_main": "engine.entry", "compose": "engine.entry", "CONFIG_DIR": "engine.config", "Script": "engine.script",
+_LAZY = {"hydra_main": "engine.entry", "compose": "engine.entry", "CONFIG_DIR": "engine.config",
+         "Script": "engine.script",
          "Session": "engine.session", "TrainingJob": "engine.trainer", "UserError": "engine.errors"}
 
 

@@ -2,8 +2,8 @@
 
 A run's name is `<run_prefix>_s<seed>[_<hash>]`: the script's readable prefix, the seed, and a short stable hash of
 every other setting that differs from the script's defaults (for the chosen dataset and model) and that would change
-the result. Settings declared `neutral` (engine/settings.py: epochs, device, workers, progress, paths ...) are left out, so
-`epochs=N+1` extends a run instead of starting another; a continued run may change them. `name=...` replaces the
+the result. Settings declared `neutral` (engine/settings.py: epochs, device, workers, progress, paths ...) are left
+out, so `epochs=N+1` extends a run instead of starting another; a continued run may change them. `name=...` replaces the
 whole derived name. The same selection is a run's identity wherever one is needed (`result_settings`): resume,
 the pipeline, the report.
 """

@@ -17,12 +17,9 @@ rows and `best_monitors` names the `best*.pt` checkpoints that follow them.
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-import joblib
 import numpy as np
 import torch
 import torch.nn.functional as F
-from joblib import Parallel, delayed
-from sklearn.linear_model import LogisticRegression
 
 from dataset.fewshot import FlatDataset, load_split
 from dataset.fewshot.tasks import check_tasks_fit
@@ -112,10 +109,12 @@ class TaskSampler:
 
 
 def _task_accuracies(features: np.ndarray, sampler: TaskSampler, indices, C: float, use_bias: bool) -> list[float]:
+    from sklearn import linear_model  # imported when first needed: scripts start faster
+
     scores = []
     for index in indices:
         support, support_y, query, query_y = sampler.task(int(index))
-        classifier = LogisticRegression(C=C, solver="lbfgs", max_iter=1000, fit_intercept=use_bias)
+        classifier = linear_model.LogisticRegression(C=C, solver="lbfgs", max_iter=1000, fit_intercept=use_bias)
         classifier.fit(features[support], support_y)
         scores.append(float((classifier.predict(features[query]) == query_y).mean()))
     return scores
@@ -136,9 +135,12 @@ def task_accuracies(features: torch.Tensor, labels: torch.Tensor, n_ways: int, n
     if n_jobs == 1:
         scores = np.asarray(_task_accuracies(features, sampler, mine, C, use_bias))
     else:
+        import joblib
+
         chunks = np.array_split(mine, 4 * joblib.effective_n_jobs(n_jobs))
-        scores = np.concatenate(Parallel(n_jobs=n_jobs)(delayed(_task_accuracies)(features, sampler, chunk, C, use_bias)
-                                                        for chunk in chunks if len(chunk)))
+        work = joblib.delayed(_task_accuracies)
+        scores = np.concatenate(joblib.Parallel(n_jobs=n_jobs)(work(features, sampler, chunk, C, use_bias)
+                                                               for chunk in chunks if len(chunk)))
     every = np.empty(n_tasks)
     for r, part in enumerate(gather_objects(scores)):
         every[r::world] = part

@@ -26,9 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.spatial.distance import cdist
-from sklearn.metrics import normalized_mutual_info_score
-from sklearn.metrics.cluster import contingency_matrix
 
 from engine.checkpoint import save_checkpoint
 from engine.errors import UserError
@@ -92,6 +89,8 @@ def initial_centroids(keys: torch.Tensor, n_centroids: int) -> torch.Tensor:
 def nearest_centroids(keys: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Each key's nearest centroid: keys [n, d], centroids [K, d] (float64 arrays) -> [n]. Squared Euclidean
     distances summed directly (scipy; exact for exactly representable values), the first centroid on ties."""
+    from scipy.spatial.distance import cdist  # imported when first needed: scripts start faster
+
     return cdist(keys, centroids, "sqeuclidean").argmin(1)
 
 
@@ -185,6 +184,9 @@ def _clustering_scores(true: np.ndarray, assigned: np.ndarray, accepted: np.ndar
     kept_true, kept_assigned = true[accepted], assigned[accepted]
     if len(kept_true):
         # Each cluster counts as its majority true class.
+        from sklearn.metrics import normalized_mutual_info_score  # imported when first needed
+        from sklearn.metrics.cluster import contingency_matrix
+
         correct = contingency_matrix(kept_true, kept_assigned).max(0).sum()
         nmi = float(normalized_mutual_info_score(kept_true, kept_assigned))
     else:

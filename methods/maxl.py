@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn as nn
-from sklearn.metrics import normalized_mutual_info_score
-from sklearn.metrics.cluster import contingency_matrix
 from torch.func import functional_call, jvp
 
 from dataset.catalog import AUXILIARY_LEVEL, PRIMARY_LEVEL
@@ -25,27 +23,11 @@ from dataset.hierarchical import HierarchicalData, ImageDataset, image_transform
 from engine.distributed import all_reduce_mean_, all_reduce_sum_, gather_shards, is_distributed
 from engine.errors import UserError
 from engine.metrics import MeanTracker
-from engine.settings import (
-    NON_NEGATIVE,
-    POSITIVE,
-    POSITIVE_INT,
-    AnyOf,
-    BatchSettings,
-    EpochSettings,
-    IntegerList,
-    Null,
-    OneOf,
-    setting,
-)
+from engine.settings import (NON_NEGATIVE, POSITIVE, POSITIVE_INT, AnyOf, BatchSettings, EpochSettings, IntegerList,
+                             Null, OneOf, setting)
 from engine.trainer import Phase, TrainingJob
-from methods.losses import (
-    at_least_float32,
-    focal_loss,
-    gradient_cosine,
-    negative_entropy,
-    sample_entropy,
-    soft_target_gradient,
-)
+from methods.losses import (at_least_float32, focal_loss, gradient_cosine, negative_entropy, sample_entropy,
+                            soft_target_gradient)
 from models import create_model
 from models.resnet import dropblock_schedules_paused
 
@@ -278,6 +260,8 @@ def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, g
 
 def purity(true: np.ndarray, predicted: np.ndarray) -> float:
     """Share of samples whose predicted cluster's majority true class is their own."""
+    from sklearn.metrics.cluster import contingency_matrix  # imported when first needed: scripts start faster
+
     return float(contingency_matrix(true, predicted).max(axis=0).sum() / len(true))
 
 
@@ -294,6 +278,8 @@ def generator_agreement(true: np.ndarray, generated: np.ndarray, primary: np.nda
     (same label counts, no link to the images): what finding nothing scores on a test set of this size.
     (Weighted by class size, the within-class purity would be gen/purity itself.)
     """
+    from sklearn.metrics import normalized_mutual_info_score
+
     metrics = {"gen/nmi": float(normalized_mutual_info_score(true, generated)),
                "gen/nmi_trivial": float(normalized_mutual_info_score(true, primary)),
                "gen/purity": purity(true, generated), "gen/purity_trivial": purity(true, primary)}

@@ -8,7 +8,6 @@ from dataset.catalog import few_shot_dataset, hierarchical_dataset
 from dataset.fewshot.sources import check_config as check_few_shot_files
 from dataset.fewshot.tasks import TaskShapeSettings, TrainingTaskSettings
 from dataset.fewshot.transforms import AugmentSettings
-from engine.entry import register
 from engine.script import Script
 from engine.settings import AnyOf, BatchSettings, EngineSettings, EpochSettings, Integer, Null, OneOf, Text, setting
 from methods.fewshot_eval import ClassifierSettings, EvaluationSettings, ValidationSettings
@@ -102,5 +101,3 @@ SUP_BASELINE = _mela("sup_baseline", SupBaselineSettings, lr_key="learning_rate"
 META_EVAL = _mela("meta_eval", MetaEvalSettings, writes_checkpoints=False)
 SCRIPTS = {script.name: script for script in (MAXL_TRAIN, LEARN_META_REPR, LEARN_LABELER, FINE_TUNE, META_EVAL,
                                               SUP_BASELINE)}
-for _script in SCRIPTS.values():
-    register(_script)  # Hydra finds each script's declared defaults and --help (also for tests' compose)

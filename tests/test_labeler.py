@@ -5,19 +5,8 @@ import pytest
 import torch
 
 from engine.errors import UserError
-from methods.labeler import (
-    assign_tasks,
-    class_means,
-    cluster,
-    initial_centroids,
-    labeler_pass,
-    labeler_report,
-    load_centroids,
-    prune_mask,
-    pseudo_labels,
-    save_centroids,
-    stack_domains,
-)
+from methods.labeler import (assign_tasks, class_means, cluster, initial_centroids, labeler_pass, labeler_report,
+                             load_centroids, prune_mask, pseudo_labels, save_centroids, stack_domains)
 
 
 def random_tasks(labels, n_tasks, n_ways, per_class, rng):

@@ -2,16 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from mela_data_layouts import (
-    SIZE,
-    SPLITS,
-    split_arrays,
-    write_h_aircraft,
-    write_metadataset,
-    write_mini_imagenet,
-    write_tiered,
-    write_ximagenet,
-)
+from mela_data_layouts import (SIZE, SPLITS, split_arrays, write_h_aircraft, write_metadataset, write_mini_imagenet,
+                               write_tiered, write_ximagenet)
 from PIL import Image
 
 from dataset.fewshot import dataset_config, load_split, load_supervised_set, make_tasks

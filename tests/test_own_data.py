@@ -9,7 +9,8 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from PIL import Image
 
-import methods.scripts  # noqa: F401  (registers the scripts' settings with Hydra)
+from engine.entry import register
+from methods.scripts import SCRIPTS
 from dataset import own_data
 from dataset.fewshot import dataset_config, load_split
 from dataset.fewshot.sources import check_config as check_fewshot_config
@@ -41,6 +42,7 @@ def save_arrays(path, images, labels):
 
 def compose(script, overrides):
     """The composed config as the dataset checks receive it (before the engine's own validation and run name)."""
+    register(SCRIPTS[script])
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return hydra_compose(script, overrides=overrides)
 

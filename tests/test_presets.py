@@ -18,7 +18,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
-from engine.entry import CONFIG_DIR, compose
+from engine.entry import CONFIG_DIR, compose, register
 from methods.scripts import SCRIPTS
 from tools import pipeline
 
@@ -35,6 +35,7 @@ TOY_FS = [*TOY, "test_db_size=5", "n_queries=5", "dataset.generate.images_per_cl
 
 
 def preset(name: str, *overrides: str):
+    register(SCRIPTS["maxl_train"])
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return hydra_compose("maxl_train", overrides=[f"+experiment={name}", *overrides], return_hydra_config=True)
 

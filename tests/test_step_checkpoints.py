@@ -4,14 +4,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from methods.step_checkpoints import (
-    backbone_state,
-    build_backbone,
-    feature_model,
-    fine_tune_network,
-    model_layout,
-    saved_layout,
-)
+from methods.step_checkpoints import (backbone_state, build_backbone, feature_model, fine_tune_network, model_layout,
+                                      saved_layout)
 from methods.supervised import build_classifier
 from models.resfc import FrozenBackboneHead
 

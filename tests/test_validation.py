@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from dataset.catalog import dataset_names
 from engine.config import CONFIG_DIR
-from engine.entry import check_launcher
+from engine.entry import check_launcher, register
 from engine.errors import UserError
 from engine.settings import check_workspace, declared, validate
 from methods.fewshot_eval import FewShotEvaluator
@@ -29,6 +29,7 @@ FEW_SHOT = "custom, digits, h_aircraft, mini60, miniImageNet, mixed, synthetic_f
 
 def composed(script: str, overrides=()):
     """The config as Hydra composes it for a run of `script` (its hydra node included), not yet validated."""
+    register(ALL[script])
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return hydra_compose(script, overrides=list(overrides), return_hydra_config=True)
 
@@ -327,7 +328,7 @@ def rendered_help(script: str) -> str:
 def test_help_lists_only_the_groups_the_script_takes(script):
     text = rendered_help(script)
     models = sorted(p.stem for p in (ROOT / "config" / "model").glob("*.yaml"))
-    assert _groups(text) == {"dataset": dataset_names(VIEW[script]), "model": models}
+    assert _groups(text) == {"dataset": list(dataset_names(VIEW[script])), "model": models}
     assert text.startswith(f"{script}.py: ") and f"python {script}.py " in text.split("== Examples ==")[1]
     keys = text.split("== Keys (key=value) ==\n", 1)[1].split("\n== ", 1)[0]
     named = [line.split()[0] for line in keys.splitlines() if line.startswith("  ")]
@@ -339,7 +340,7 @@ def test_help_through_the_script(tmp_path, workspace):
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("learn_meta_repr.py: MeLa step 1.")
     groups = _groups(result.stdout)
-    assert groups["dataset"] == dataset_names("mela") and "cifar100" not in groups["dataset"]
+    assert groups["dataset"] == list(dataset_names("mela")) and "cifar100" not in groups["dataset"]
     assert "python learn_meta_repr.py dataset=miniImageNet" in result.stdout
     assert not (tmp_path / "logs").exists()
 
@@ -369,8 +370,10 @@ def test_a_key_added_to_a_declaration_is_validated_documented_and_in_help(worksp
         with pytest.raises(UserError) as caught:
             compose(script, ["warmup_epochs=-1"])
         assert str(caught.value) == "warmup_epochs=-1: warmup_epochs must be an integer >= 0"
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):  # as registered, with the new key
+            template = hydra_compose("maxl_train", return_hydra_config=True).hydra.help.template
         assert "  warmup_epochs        an integer >= 0; epochs of linear learning-rate warm-up" in \
-            rendered_help("maxl_train").splitlines()
+            string.Template(template).safe_substitute().splitlines()
         monkeypatch.setitem(config_docs.SCRIPTS, "maxl_train", script)
         assert "| `warmup_epochs` | maxl_train | an integer >= 0 | epochs of linear learning-rate warm-up |" in \
             config_docs.generated().splitlines()

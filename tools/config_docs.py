@@ -48,8 +48,8 @@ def defaults_table() -> list[str]:
     keys = list(dict.fromkeys(key for script in SCRIPTS.values() for key in declared(script.settings)))
     rows = ["| key | " + " | ".join(SCRIPTS) + " |", "|---" * (len(SCRIPTS) + 1) + "|"]
     for group in ("dataset", "model"):
-        rows.append(f"| `{group}` | " + " | ".join(str(configs[name].get(group, {}).get("name", "")) for name in SCRIPTS)
-                    + " |")
+        chosen = [str(configs[name].get(group, {}).get("name", "")) for name in SCRIPTS]
+        rows.append(f"| `{group}` | " + " | ".join(chosen) + " |")
     for key in keys:
         values = [f"`{as_text(configs[name][key])}`" if key in configs[name] else "" for name in SCRIPTS]
         rows.append(f"| `{key}` | " + " | ".join(_cell(v) for v in values) + " |")

@@ -16,15 +16,8 @@ import os
 import sys
 from pathlib import Path
 
-from dataset.downloads import (
-    ARCHIVE_SUFFIXES,
-    MIRROR_VARIABLE,
-    archive_names,
-    archive_url,
-    download,
-    pinned_checksums,
-    unpack,
-)
+from dataset.downloads import (ARCHIVE_SUFFIXES, MIRROR_VARIABLE, archive_names, archive_url, download,
+                               pinned_checksums, unpack)
 from engine.errors import UserError
 from engine.workspace import data_root
 

@@ -10,7 +10,7 @@ from engine.workspace import data_root
 
 def mela_dataset_names() -> list[str]:
     """The `dataset=` choices with a MeLa view (`supports` lists mela)."""
-    return dataset_names("mela")
+    return list(dataset_names("mela"))
 
 
 def dataset_config(name: str, data_dir: Path | None = None, **overrides) -> DictConfig:

@@ -15,29 +15,14 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from omegaconf import OmegaConf
-from torchvision.transforms.v2 import functional as TF
 
 from dataset.fewshot.flat import FlatDataset
 from dataset.fewshot.layouts import MINI_IMAGENET_FILES, SPLITS, checked, read_npy, read_npz_array, read_pickled_arrays
 from dataset.fewshot.synthetic import ensure_synthetic_fewshot
 from dataset.fewshot.transforms import transform_from_config
-from dataset.own_data import (
-    ARRAY_SUFFIXES,
-    CARVE_STREAM,
-    CLASSES_STREAM,
-    PER_CLASS_STREAM,
-    cap_per_class,
-    check_per_class_and_seed,
-    choose_classes,
-    find_split,
-    fit_images,
-    list_class_folders,
-    read_arrays,
-    renumber,
-    shown,
-    subset_rng,
-    take,
-)
+from dataset.own_data import (ARRAY_SUFFIXES, CARVE_STREAM, CLASSES_STREAM, PER_CLASS_STREAM, cap_per_class,
+                              check_per_class_and_seed, choose_classes, find_split, fit_images, list_class_folders,
+                              read_arrays, renumber, shown, subset_rng, take)
 from dataset.safe_pickle import load_pickle
 from engine.errors import UserError
 
@@ -211,6 +196,8 @@ def _digits(cfg, split):
     keep = np.isin(digits.target, class_split[split])
     small = torch.from_numpy(digits.images[keep] * (255.0 / 16.0)).float().unsqueeze(1)  # values 0..16
     size = int(cfg.image_size)
+    from torchvision.transforms.v2 import functional as TF  # imported when first needed
+
     large = TF.resize(small, [size, size], antialias=False).round().clamp(0, 255).to(torch.uint8)
     images = large.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
     return [(cfg.name, images, digits.target[keep])]

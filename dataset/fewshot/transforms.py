@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from engine.settings import Boolean, setting
 
@@ -60,9 +58,14 @@ class ImageTransform:
                 turned = rotations == k
                 if turned.any():
                     out[turned] = torch.rot90(out[turned], k, dims=(-2, -1))
-        return F.normalize(out, list(self.mean), list(self.std), inplace=True)
+        # torchvision's normalize, written out so that a run without augmentation never imports torchvision
+        mean = torch.as_tensor(self.mean, dtype=out.dtype).view(-1, 1, 1)
+        std = torch.as_tensor(self.std, dtype=out.dtype).view(-1, 1, 1)
+        return out.sub_(mean).div_(std)
 
-    def _augmenter(self, size) -> v2.Compose:
+    def _augmenter(self, size):
+        from torchvision.transforms import v2  # imported when first needed: scripts start faster
+
         steps = [v2.RandomCrop(tuple(size), padding=self.crop_padding)] if self.crop_padding else []
         if self.hflip:
             steps.append(v2.RandomHorizontalFlip())
