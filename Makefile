@@ -16,10 +16,9 @@ setup: .venv/.installed
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
-# Two test processes with one thread each (about 5-6 minutes on 2 cores): most tests start scripts, whose imports
-# do not use threads.
+# Two test processes with one thread each; the 15 slowest tests are listed at the end.
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 # ---- MAXL ---------------------------------------------------------------------------------------------------
 DEMO_MAXL := dataset=digits model.width_mult=0.25 epochs=15 device=cpu num_workers=0 progress=false overwrite=true

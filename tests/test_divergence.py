@@ -1,6 +1,6 @@
 """A diverging run stops with one line naming where and what to change, and leaves the last good checkpoint as it
 was."""
-from conftest import one_line_error, run_script
+from conftest import one_line_error, run_in_process
 
 MAXL = ["dataset=synthetic_hier", "dataset.generate.train_per_class=4", "model.width_mult=0.0625", "device=cpu",
         "num_workers=0", "progress=false", "batch_size=50", "method=single", "name=diverging"]
@@ -10,7 +10,7 @@ MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_wor
 
 def test_maxl_on_nan_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, workspace):
     # epoch 1 at lr 0.01 is fine; the schedule then multiplies lr by 1e30, and epoch 2 diverges (on any CPU)
-    result = run_script("maxl_train.py", *MAXL, "epochs=2", "lr_step=1", "lr_gamma=1e30", cwd=tmp_path,
+    result = run_in_process("maxl_train.py", *MAXL, "epochs=2", "lr_step=1", "lr_gamma=1e30", cwd=tmp_path,
                         workspace=workspace)
     line = one_line_error(result)
     assert "is not finite at epoch 2/2 step " in line and "the run diverged; lower lr (now 0.01)" in line
@@ -25,7 +25,7 @@ def test_maxl_on_nan_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path,
 
 
 def test_meta_learning_with_a_singular_solve_stops_cleanly(tmp_path, workspace):
-    result = run_script("learn_meta_repr.py", *MELA, "epochs=1", "learning_rate=1e6", cwd=tmp_path,
+    result = run_in_process("learn_meta_repr.py", *MELA, "epochs=1", "learning_rate=1e6", cwd=tmp_path,
                         workspace=workspace)
     line = one_line_error(result)
     assert "the run diverged; lower learning_rate (now 1000000.0)" in line and "epoch 1/1" in line

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from conftest import one_line_error, run_script
+from conftest import one_line_error, run_in_process
 
 from engine.metrics import read_metrics
 
@@ -17,7 +17,7 @@ METHODS = ["single", "human", "random", "maxl", "maxl_first_order"]
 def test_each_method_trains_one_epoch_in_a_multirun_that_survives_a_failing_job(tmp_path, workspace):
     """`-m method=...`: one Hydra sweep over every method, each run in its own directory; a job with a bad value
     is recorded, the others run, and the sweep ends with exit status 1 and one line for the failed job."""
-    result = run_script("maxl_train.py", "-m", f"method={','.join(METHODS)},nonexistent", "epochs=1", *TINY,
+    result = run_in_process("maxl_train.py", "-m", f"method={','.join(METHODS)},nonexistent", "epochs=1", *TINY,
                         cwd=tmp_path, workspace=workspace)
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -59,7 +59,7 @@ def test_each_method_trains_one_epoch_in_a_multirun_that_survives_a_failing_job(
 ])
 def test_bad_inputs_fail_with_one_line(overrides, message, tmp_path, workspace):
     settings = BASE if overrides == ["dataset=cifar100"] else TINY
-    result = run_script("maxl_train.py", *settings, "epochs=1", *overrides, cwd=tmp_path, workspace=workspace)
+    result = run_in_process("maxl_train.py", *settings, "epochs=1", *overrides, cwd=tmp_path, workspace=workspace)
     line = one_line_error(result)
     assert message in line
     if overrides == ["dataset=cifar100"]:
@@ -70,11 +70,11 @@ def test_corrupt_checkpoint_for_resume_is_refused_and_kept(tmp_path, workspace):
     last = workspace / "checkpoint" / "maxl" / "broken" / "last.pt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"not a checkpoint at all")
-    result = run_script("maxl_train.py", *TINY, "epochs=1", "method=single", "name=broken", "resume=true",
+    result = run_in_process("maxl_train.py", *TINY, "epochs=1", "method=single", "name=broken", "resume=true",
                         cwd=tmp_path, workspace=workspace)
     assert "is corrupt or not a checkpoint" in one_line_error(result)
     assert last.read_bytes() == b"not a checkpoint at all"
-    again = run_script("maxl_train.py", *TINY, "epochs=1", "method=single", "name=broken", "resume=false",
+    again = run_in_process("maxl_train.py", *TINY, "epochs=1", "method=single", "name=broken", "resume=false",
                        cwd=tmp_path, workspace=workspace)
     assert "exists from an earlier run" in one_line_error(again)
     assert last.read_bytes() == b"not a checkpoint at all"

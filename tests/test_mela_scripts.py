@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import one_line_error, run_script
+from conftest import one_line_error, run_in_process
 
 from engine.metrics import read_metrics
 
@@ -31,7 +31,7 @@ def chain(tmp_path_factory):
         "fine_tune": [*TRAIN, "name=ft", "pretrained_model=ll"],
         "sup_baseline": [*TRAIN, "name=sb", "batch_size=50"],
     }
-    results = {script: run_script(f"{script}.py", *args, cwd=root, workspace=workspace)
+    results = {script: run_in_process(f"{script}.py", *args, cwd=root, workspace=workspace)
                for script, args in steps.items()}
     return root, workspace, results
 
@@ -76,7 +76,7 @@ def test_labeler_reports_what_it_found(chain):
 def test_meta_eval_prints_and_writes_intervals(chain):
     root, workspace, _ = chain
     for name in ("lmr", "ll", "ft", "sb"):
-        result = run_script("meta_eval.py", *TINY, f"pretrained_model={name}", f"hydra.run.dir=eval_{name}",
+        result = run_in_process("meta_eval.py", *TINY, f"pretrained_model={name}", f"hydra.run.dir=eval_{name}",
                             cwd=root, workspace=workspace)
         assert result.returncode == 0, result.stderr
         saved = json.loads((root / f"eval_{name}" / "results.json").read_text())
@@ -97,17 +97,17 @@ def test_meta_eval_prints_and_writes_intervals(chain):
     ("learn_meta_repr.py", ["n_shots=20", "n_queries=15"], "n_shots=20 with n_queries=15 takes 35 images per class"),
 ])
 def test_bad_inputs_fail_with_one_line(script, overrides, message, tmp_path, workspace):
-    result = run_script(script, *TRAIN if script != "meta_eval.py" else TINY, *overrides, cwd=tmp_path,
+    result = run_in_process(script, *TRAIN if script != "meta_eval.py" else TINY, *overrides, cwd=tmp_path,
                         workspace=workspace)
     assert message in one_line_error(result)
 
 
 def test_checkpoint_of_another_architecture_or_step_is_refused(chain, tmp_path):
     root, workspace, _ = chain
-    other = run_script("meta_eval.py", *TINY, "pretrained_model=lmr", "model=resnet18", "model.width_mult=0.125",
+    other = run_in_process("meta_eval.py", *TINY, "pretrained_model=lmr", "model=resnet18", "model.width_mult=0.125",
                        cwd=tmp_path, workspace=workspace)
     line = one_line_error(other)
     assert "holds a resnet12 backbone" in line and "run with model=resnet12" in line
-    wrong_step = run_script("learn_labeler.py", *TRAIN, "pretrained_labeler=sb", cwd=tmp_path, workspace=workspace)
+    wrong_step = run_in_process("learn_labeler.py", *TRAIN, "pretrained_labeler=sb", cwd=tmp_path, workspace=workspace)
     assert "is a checkpoint of sup_baseline.py; pretrained_labeler takes one written by learn_meta_repr.py" in \
         one_line_error(wrong_step)

@@ -5,7 +5,7 @@ import pickle
 
 import numpy as np
 import torch
-from conftest import one_line_error, run_script
+from conftest import one_line_error, run_in_process
 from PIL import Image
 
 from engine.metrics import read_metrics
@@ -25,7 +25,7 @@ def test_maxl_trains_on_a_hier_file_subset_with_levels_read_from_the_files(tmp_p
             np.savez(data / name, **arrays)
         else:
             (data / name).write_bytes(pickle.dumps(arrays))
-    result = run_script("maxl_train.py", "dataset=hier_file", f"dataset.path={data}", "dataset.train_file=base",
+    result = run_in_process("maxl_train.py", "dataset=hier_file", f"dataset.path={data}", "dataset.train_file=base",
                         "dataset.test_file=holdout.pkl", "dataset.classes=2", "dataset.per_class=3", "method=maxl",
                         "epochs=1", "model.width_mult=0.0625", "batch_size=50", "cossim_every=3", "name=own", *TINY,
                         cwd=tmp_path, workspace=workspace)
@@ -42,7 +42,7 @@ def test_maxl_trains_on_a_hier_file_subset_with_levels_read_from_the_files(tmp_p
 
 
 def test_maxl_without_the_data_folder_is_one_line(tmp_path, workspace):
-    result = run_script("maxl_train.py", "dataset=hier_file", *TINY, cwd=tmp_path, workspace=workspace)
+    result = run_in_process("maxl_train.py", "dataset=hier_file", *TINY, cwd=tmp_path, workspace=workspace)
     assert "dataset.path" in one_line_error(result)
     assert not (tmp_path / "logs" / "maxl_train").exists()
 
@@ -56,7 +56,7 @@ def test_meta_learning_on_custom_folders_and_arrays_with_a_carved_val_split(tmp_
             Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / "seen" / f"class{c}" / f"{i}.png")
     np.savez(data / "novel.npz", data=rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8),
              labels=np.repeat([3, 7, 9], 4))
-    result = run_script("learn_meta_repr.py", "dataset=custom", f"dataset.path={data}", "dataset.train_file=seen",
+    result = run_in_process("learn_meta_repr.py", "dataset=custom", f"dataset.path={data}", "dataset.train_file=seen",
                         "dataset.test_file=novel", "dataset.val_classes=2", "dataset.per_class=4",
                         "dataset.image_size=32", "model.width_mult=0.125", "n_ways=2", "n_shots=1", "n_queries=1",
                         "val_n_ways=2", "val_n_shots=[1]", "test_db_size=4", "epochs=1", "name=own", *TINY,

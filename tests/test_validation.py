@@ -4,7 +4,7 @@ import os
 import string
 
 import pytest
-from conftest import ROOT, one_line_error, run_script
+from conftest import ROOT, one_line_error, run_in_process, run_script
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
@@ -336,7 +336,7 @@ def test_help_lists_only_the_groups_the_script_takes(script):
 
 
 def test_help_through_the_script(tmp_path, workspace):
-    result = run_script("learn_meta_repr.py", "--help", cwd=tmp_path, workspace=workspace)
+    result = run_in_process("learn_meta_repr.py", "--help", cwd=tmp_path, workspace=workspace)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("learn_meta_repr.py: MeLa step 1.")
     groups = _groups(result.stdout)
