@@ -39,6 +39,7 @@ def run_in_process(script: str, *overrides: str, cwd: Path, workspace: Path):
 
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+    script = Path(script).name  # a name, or the script's path
     main = importlib.import_module(script.removesuffix(".py")).main
     out, err, code = io.StringIO(), io.StringIO(), 0
     saved = (sys.argv, os.getcwd(), os.environ.get("WORKSPACE"), torch.get_num_threads())

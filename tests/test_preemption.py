@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 
 from engine.errors import RunInterrupted
 from engine.metrics import NOT_COMPARED, read_metrics
@@ -68,21 +68,21 @@ def runs(tmp_path_factory):
     env = dict(os.environ, WORKSPACE=str(root / "workspace"), PYTHONWARNINGS="ignore")
     done = {}
     for script in SCRIPTS:
-        straight = subprocess.run(command(script, f"name=straight_{script}"), cwd=root, env=env,
-                                  capture_output=True, text=True, timeout=300)
+        # The interrupted run needs a process of its own (it gets the signal); the others run in this one.
+        straight = run_in_process(*command(script, f"name=straight_{script}")[1:], cwd=root,
+                                  workspace=root / "workspace")
         assert straight.returncode == 0, straight.stderr
         status, output = interrupt_in_second_epoch(command(script), root, env)
         run_name = next(line.split()[1] for line in output.splitlines() if line.startswith("run: "))
         folder = root / "workspace" / "checkpoint" / SCRIPTS[script][0] / run_name
         leftover = folder / f".last.pt.tmp{2**22 + 17}"  # what a write killed by SIGKILL leaves
         leftover.write_bytes(b"partial")
-        continued = subprocess.run(command(script), cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        continued = run_in_process(*command(script)[1:], cwd=root, workspace=root / "workspace")
         final = torch.load(folder / "last.pt", weights_only=True)
         continued_metrics = sorted((root / "logs" / script).glob(f"{run_name}/*/metrics.csv"))[-1]
         extended = None
         if script == "maxl_train":  # the same run extended by an epoch: epochs is not part of its name
-            extended = subprocess.run([*command(script), "epochs=3"], cwd=root, env=env, capture_output=True,
-                                      text=True, timeout=300)
+            extended = run_in_process(*command(script)[1:], "epochs=3", cwd=root, workspace=root / "workspace")
         done[script] = dict(status=status, output=output, continued=continued, extended=extended, folder=folder,
                             leftover=leftover, final=final, continued_metrics=continued_metrics,
                             straight=root / "workspace" / "checkpoint" / SCRIPTS[script][0] / f"straight_{script}",
