@@ -49,20 +49,26 @@ class HierarchicalSettings(ImageSettings):
     auxiliary_level: object = setting(AUTO, AUXILIARY_LEVEL, "the finer level human uses and psi is derived from")
 
 
+def check_view(node, view: str, reader: str) -> None:
+    """The `dataset=` option `node` has the `view` (maxl or mela) that `reader` (words for who reads it) needs."""
+    if OmegaConf.is_missing(node, "supports") or OmegaConf.is_missing(node, "name") or view in (node.supports or []):
+        return
+    names = dataset_names(view)
+    other = next(v for v in VIEWS if v != view)
+    takes = "take" if reader.startswith("the ") else "takes"  # "the MeLa scripts take", "x.py takes"
+    raise UserError(f"dataset={node.name} is {VIEWS[other]}: {reader} {takes} dataset={', '.join(names[:-1])} or "
+                    f"{names[-1]}")
+
+
 def _reading(view: str, schema: type):
     def for_script(script: str):
-        """The `dataset=` group's declaration for `script`: `node` -> the dataclass declaring its keys."""
-        return lambda node: settings_of(node, script)
-
-    def settings_of(node, script: str) -> type:
-        """The dataclass declaring the keys of the option `node`; a dataset without the `view` is refused."""
-        if OmegaConf.is_missing(node, "supports") or OmegaConf.is_missing(node, "name") \
-                or view in (node.supports or []):
+        """The `dataset=` group's declaration for `script`: `node` -> the dataclass declaring its keys (a dataset
+        without the `view` is refused)."""
+        def settings_of(node) -> type:
+            check_view(node, view, f"{script}.py")
             return schema
-        names = dataset_names(view)
-        other = next(v for v in VIEWS if v != view)
-        raise UserError(f"dataset={node.name} is {VIEWS[other]}: {script}.py takes dataset={', '.join(names[:-1])} "
-                        f"or {names[-1]}")
+
+        return settings_of
 
     return for_script
 

@@ -95,7 +95,7 @@ def test_html_page_saved_as_data_is_named(relative, data_dir):
 
 
 def test_bad_config_values_are_user_errors(data_dir):
-    with pytest.raises(UserError, match="has no MeLa"):
+    with pytest.raises(UserError, match="is a dataset with a label hierarchy .*: the MeLa scripts take dataset="):
         load_split(dataset_config("cifar100"), "train")
     with pytest.raises(UserError, match="split 'valid' is not one of train, val, test"):
         load_split(dataset_config("synthetic_fs"), "valid")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from dataset.catalog import check_view
 from dataset.fewshot.flat import FlatDataset
 from dataset.fewshot.layouts import MINI_IMAGENET_FILES, SPLITS, checked, read_npy, read_npz_array, read_pickled_arrays
 from dataset.fewshot.synthetic import ensure_synthetic_fewshot
@@ -216,11 +217,7 @@ _READERS = {
 
 
 def _check(cfg, split: str) -> None:
-    if "mela" not in list(cfg.get("supports") or []):
-        from dataset.fewshot.config import mela_dataset_names
-
-        raise UserError(f"dataset={cfg.name} has no MeLa (few-shot) view: choose one of "
-                        f"{', '.join(mela_dataset_names())}")
+    check_view(cfg, "mela", "the MeLa scripts")
     if split not in SPLITS:
         raise UserError(f"split '{split}' is not one of {', '.join(SPLITS)}")
     if cfg.source not in _READERS:
