@@ -99,7 +99,7 @@ def decide_resume(cfg, directory: Path) -> bool:
     one; resume=false refuses an existing run unless overwrite=true, which removes all of its files first."""
     mode = str(cfg.resume).lower()
     last = Path(directory) / LAST
-    if cfg.overwrite:  # (with resume=true: refused by engine.validation)
+    if cfg.overwrite:  # (with resume=true: refused by EngineSettings' relation)
         return False
     if mode == "true" and not last.is_file():
         raise UserError(f"resume=true but run {cfg.name} has no checkpoint {last}: start it without resume=true, "

@@ -41,7 +41,7 @@ def resolve_threads(value, local_world_size: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
 
 
-# The values of device, precision and compile were checked by engine.validation before the session starts.
+# The values of device, precision and compile were checked (engine/settings.py) before the session starts.
 def resolve_device(name: str, local_rank: int) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA GPU is visible: use device=cpu or device=auto")
