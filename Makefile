@@ -113,3 +113,22 @@ mela_study: setup
 	$(PY) -m tools.report "$$dir/*/eval" --compare evaluated=learn_labeler evaluated=learn_meta_repr \
 	  --compare evaluated=fine_tune evaluated=sup_baseline --csv "$$dir/table.csv" --json "$$dir/table.json" && \
 	$(PY) -m tools.report "$$dir/*/train" --plot "$$dir/validation.png" && exit $${failed:-0}
+
+# ---- MeLa on CIFAR-FS and FC100 (from the CIFAR-100 archive of `make download_cifar100`) ----------------------
+#   make mela_cifar  [CIFAR_DATASETS='cifar_fs fc100'] [SEEDS=0,1,2] [NAME=...] [STUDY_DIR=...] [ARGS='...']
+# The whole pipeline per dataset (ResNet-12, 32x32), meta_eval 1-shot and 5-shot of every step, then the table.
+# CIFAR_SETTINGS and K_<dataset> are the CIFAR scale's settings (README, "Where this differs"); ARGS come after
+# them, so ARGS='learn_labeler:K=...' overrides K.
+CIFAR_DATASETS ?= cifar_fs fc100
+CIFAR_SETTINGS ?= model.dropblock_size=2
+K_cifar_fs ?= 400
+K_fc100 ?= 375
+.PHONY: mela_cifar
+mela_cifar: setup
+	name="$(or $(NAME),mela_cifar)"; dir="$(or $(STUDY_DIR),logs/pipeline/$(or $(NAME),mela_cifar))"; \
+	$(foreach d,$(CIFAR_DATASETS),$(PY) -m tools.pipeline --name "$$name" --out "$$dir" --dataset $(d) \
+	  --model resnet12 --seed $(if $(SEEDS),$(SEEDS),0 1 2) -- $(CIFAR_SETTINGS) learn_labeler:K=$(K_$(d)) \
+	  $(ARGS) || failed=1;) \
+	$(PY) -m tools.report "$$dir/*/eval" --compare evaluated=learn_labeler evaluated=learn_meta_repr \
+	  --compare evaluated=fine_tune evaluated=sup_baseline --csv "$$dir/table.csv" --json "$$dir/table.json" && \
+	$(PY) -m tools.report "$$dir/*/train" --plot "$$dir/validation.png" && exit $${failed:-0}

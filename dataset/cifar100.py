@@ -35,8 +35,12 @@ def read_split(directory: Path, split: str, make_target: str | None):
     return np.ascontiguousarray(images), labels
 
 
-def write_synthetic(directory: Path, train_per_class: int, test_per_class: int, image_size: int, seed: int):
+def write_synthetic(directory: Path, train_per_class: int, test_per_class: int, image_size: int, seed: int, *,
+                    fine_names: list[str] | None = None, coarse_names: list[str] | None = None,
+                    coarse_of: list[int] | None = None):
     """Write a small CIFAR-100-like dataset (100 fine classes, fine f under coarse f // 5) in the official layout.
+    `fine_names`, `coarse_names` and `coarse_of` (each fine class's coarse id) replace the generated names and
+    hierarchy (tests of CIFAR-FS and FC100 write CIFAR-100's own).
 
     Each fine class is a fixed random 4x4 colour pattern, upsampled, plus noise; the five fine classes of a
     coarse class share a base colour, so both levels are learnable. Written into a temporary directory first and
@@ -45,7 +49,8 @@ def write_synthetic(directory: Path, train_per_class: int, test_per_class: int, 
     directory = Path(directory)
     rng = np.random.default_rng(seed)
     base = rng.uniform(40, 215, size=(20, 1, 1, 3))
-    patterns = np.clip(base.repeat(5, axis=0) + rng.normal(0, 40, size=(100, 4, 4, 3)), 0, 255)
+    coarse_of = np.arange(100) // 5 if coarse_of is None else np.asarray(coarse_of)
+    patterns = np.clip(base[coarse_of] + rng.normal(0, 40, size=(100, 4, 4, 3)), 0, 255)
     scale = -(-image_size // 4)
     patterns = patterns.repeat(scale, axis=1).repeat(scale, axis=2)[:, :image_size, :image_size]
     tmp = directory.with_name(f"{directory.name}.tmp{os.getpid()}")
@@ -55,13 +60,13 @@ def write_synthetic(directory: Path, train_per_class: int, test_per_class: int, 
         fine = np.repeat(np.arange(100), per_class)
         images = np.clip(patterns[fine] + rng.normal(0, 25, size=patterns[fine].shape), 0, 255).astype(np.uint8)
         batch = {"data": images.transpose(0, 3, 1, 2).reshape(len(fine), -1), "fine_labels": fine.tolist(),
-                 "coarse_labels": (fine // 5).tolist(), "batch_label": f"synthetic {split}",
+                 "coarse_labels": coarse_of[fine].tolist(), "batch_label": f"synthetic {split}",
                  "filenames": [f"synthetic_{i}.png" for i in range(len(fine))]}
         with open(tmp / split, "wb") as handle:
             pickle.dump(batch, handle)
     with open(tmp / "meta", "wb") as handle:
-        pickle.dump({"fine_label_names": [f"fine{i}" for i in range(100)],
-                     "coarse_label_names": [f"coarse{i}" for i in range(20)]}, handle)
+        pickle.dump({"fine_label_names": fine_names or [f"fine{i}" for i in range(100)],
+                     "coarse_label_names": coarse_names or [f"coarse{i}" for i in range(20)]}, handle)
     try:
         tmp.rename(directory)
     except OSError:  # another process finished first: its copy is identical

@@ -24,7 +24,8 @@ PSI = ("psi must be null (derived from the hierarchy), an integer >= 1 or a list
        "(one count per primary class)")
 RUN_NAME = "a run name (a non-empty string without '/' or whitespace)"
 HIERARCHICAL = "cifar10, cifar100, digits, hier_file or synthetic_hier"
-FEW_SHOT = "custom, digits, h_aircraft, mini60, miniImageNet, mixed, synthetic_fs, synthetic_hard_fs, tiered780 or tieredImageNet"
+FEW_SHOT = ("cifar_fs, custom, digits, fc100, h_aircraft, mini60, miniImageNet, mixed, synthetic_fs, synthetic_hard_fs, "
+            "tiered780 or tieredImageNet")
 
 
 def composed(script: str, overrides=()):

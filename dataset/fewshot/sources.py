@@ -3,7 +3,7 @@
 Keys of a MeLa dataset config (config/dataset/<name>.yaml): `source` picks a reader below; `path` is where the
 files are (`alternative_paths`: other directory names the same files may have); `make_target` is the make
 command that provides them; `mean`, `std`, `crop_padding`, `hflip` set the transform. Per source: `domains`
-(meta-dataset pickles), `levels` (aircraft levels), `image_size` (custom, digits), `class_split` (digits),
+(meta-dataset pickles), `levels` (aircraft levels), `splits` / `pickle_path` (cifar_fewshot: cifar_fs, fc100), `image_size` (custom, digits), `class_split` (digits),
 `generate` (synthetic_fs), `train_file` / `val_file` / `test_file` / `val_classes` (custom). Any dataset may add
 the subset keys `classes`, `per_class`, `seed` (`+dataset.classes=10`: custom lists them; see
 dataset/own_data.py). `check_config(cfg.dataset)` checks these keys before a run starts.
@@ -17,6 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dataset.catalog import check_view
+from dataset.fewshot import cifar_fewshot
 from dataset.fewshot.flat import FlatDataset
 from dataset.fewshot.layouts import MINI_IMAGENET_FILES, SPLITS, checked, read_npy, read_npz_array, read_pickled_arrays
 from dataset.fewshot.synthetic import ensure_synthetic_fewshot
@@ -213,6 +214,7 @@ _READERS = {
     "custom": _custom,
     "synthetic_fs": _synthetic,
     "digits": _digits,
+    "cifar_fewshot": cifar_fewshot.read,  # cifar_fs, fc100: the CIFAR-100 archive or the MetaOptNet pickles
 }
 
 
@@ -287,6 +289,8 @@ def check_config(dataset_cfg) -> None:
         for split in SPLITS:
             _custom_file(dataset_cfg, directory, split)
         _val_classes(dataset_cfg)
+    if dataset_cfg.source == "cifar_fewshot":
+        cifar_fewshot.check_config(dataset_cfg)
 
 
 # ---- the API ----------------------------------------------------------------------------------------------------
