@@ -215,8 +215,11 @@ def test_old_use_a_metrics_column_and_the_figure_of_mean_curves(sweep, tmp_path,
     ax = fig.axes[0]
     assert all(float(t).is_integer() for t in ax.get_xticks())
     line = ax.get_lines()[0]
-    assert list(line.get_xdata()) == [0, 1, 2]
+    assert list(line.get_xdata()) == [1, 2, 3]  # epochs counted from 1, as in the log (metrics.csv: from 0)
     assert line.get_ydata() == pytest.approx([np.mean(single) - 0.1 * (2 - e) for e in range(3)])
+    for band in ax.collections:  # an accuracy's 95% band stays inside [0, 1]
+        for path in band.get_paths():
+            assert ((path.vertices[:, 1] >= 0) & (path.vertices[:, 1] <= 1)).all()
     assert report.curve_column(runs, ["test/acc_last5_mean"], None) == "test/acc"
 
 
@@ -229,6 +232,9 @@ def test_old_use_a_metrics_column_and_the_figure_of_mean_curves(sweep, tmp_path,
     (["SWEEP", "--compare", "7", "1"], "error: --compare 7: no group 7"),
     (["SWEEP", "--plot", "OUT", "--curve", "val/acc"], "error: --curve val/acc: no run's metrics.csv"),
     (["SWEEP/nothing*here"], "error: SWEEP/nothing*here: no such file or folder"),
+    (["SWEEP", "--json", "/table.json"], "error: --json /table.json: refusing to write at the top of the file "
+                                         "system"),
+    (["SWEEP", "--plot", ""], "error: --plot '': give a file name"),
 ])
 def test_bad_inputs_are_one_line_errors_and_write_nothing(sweep, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()

@@ -1,0 +1,105 @@
+"""The Makefile's study recipes (maxl_hierarchies, maxl_psi, mela_study, pipeline), with their variables read from
+the environment, never spliced into shell text:
+
+    ARGS='key=value ...' [SEEDS=0,1] [STUDY_DIR=DIR] [NAME=...] [DATASET=...] [DATASETS='...'] [MODELS='...']
+    python -m tools.study maxl_hierarchies | maxl_psi | mela_study | pipeline
+
+`make` exports the variables given on its command line, so `make maxl_psi ARGS="..."` hands ARGS over as it was
+typed: spaces, newlines (a value written over several lines) and quotes split into overrides as a shell would
+(`shlex`), and the runs, tables and figures go into the study's folder whatever ARGS holds. A bad value is one
+`error:` line and exit status 1 before any run starts.
+"""
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from engine.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+REPORTS = {"maxl_hierarchies": ["--compare", "method=maxl", "method=single", "--compare", "method=maxl",
+                                "method=human"],
+           "maxl_psi": ["--compare", "method=maxl", "method=single"]}
+
+
+def words(variable: str) -> list[str]:
+    """The environment variable split as a shell splits words (quotes kept together, newlines are spaces)."""
+    text = os.environ.get(variable, "")
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise UserError(f"{variable}={text!r}: {err} (close the quote)") from None
+
+
+def value(variable: str, default: str | None = None) -> str | None:
+    text = " ".join(words(variable))
+    return text or default
+
+
+def folder(variable: str, default: str) -> Path:
+    """A study's folder: the variable when given, else `default`; never empty or the file system's top."""
+    text = value(variable, default)
+    path = Path(text)
+    if path.resolve() == Path(path.resolve().anchor):
+        raise UserError(f"{variable}={text}: a study's folder cannot be the top of the file system; give a folder "
+                        f"of its own, e.g. {variable}=logs/studies/mine")
+    return path
+
+
+def run(*command: str) -> int:
+    return subprocess.run([sys.executable, *command], cwd=os.getcwd()).returncode
+
+
+def report(*args: str) -> int:
+    return run("-m", "tools.report", *args)
+
+
+def maxl_study(target: str) -> int:
+    study = folder("STUDY_DIR", f"logs/studies/{target}/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
+    seeds = value("SEEDS")
+    failed = run(str(ROOT / "maxl_train.py"), "-m", f"+experiment={target}", f"hydra.sweep.dir={study}",
+                 *([f"seed={seeds}"] if seeds else []), *words("ARGS"))
+    done = report(str(study), *REPORTS[target], "--csv", str(study / "table.csv"), "--json",
+                  str(study / "table.json"), "--plot", str(study / "test_accuracy.png"))
+    return failed or done
+
+
+def mela_study() -> int:
+    name = value("NAME", "mela_study")
+    study = folder("STUDY_DIR", f"logs/pipeline/{name}")
+    failed = run("-m", "tools.pipeline", "--name", name, "--out", str(study),
+                 "--dataset", *(words("DATASETS") or ["miniImageNet", "tieredImageNet"]),
+                 "--model", *(words("MODELS") or ["resnet12", "resnet18"]),
+                 "--seed", *(words("SEEDS") or ["0", "1", "2"]), "--", *words("ARGS"))
+    done = report(f"{study}/*/eval", "--compare", "evaluated=learn_labeler", "evaluated=learn_meta_repr",
+                  "--compare", "evaluated=fine_tune", "evaluated=sup_baseline", "--csv", str(study / "table.csv"),
+                  "--json", str(study / "table.json"))
+    plotted = report(f"{study}/*/train", "--plot", str(study / "validation.png")) if not done else done
+    return failed or plotted
+
+
+def pipeline() -> int:
+    name = words("NAME")
+    return run("-m", "tools.pipeline", "--dataset", *(words("DATASET") or ["synthetic_fs"]),
+               *(["--name", " ".join(name)] if name else []), "--", *words("ARGS"))
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if len(argv) != 1 or argv[0] not in (*REPORTS, "mela_study", "pipeline"):
+            raise UserError(f"{' '.join(argv) or 'no study'}: give one of {', '.join(REPORTS)}, mela_study, "
+                            f"pipeline")
+        target = argv[0]
+        if target in REPORTS:
+            return maxl_study(target)
+        return mela_study() if target == "mela_study" else pipeline()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
