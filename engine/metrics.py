@@ -45,6 +45,17 @@ class MetricsWriter:
         counted from 1 on the x axis (metrics.csv counts them from 0). A baseline (`..._trivial`, `..._chance`) is
         drawn dashed in its metric's panel, an interval (`..._ci95`) as a band around its metric; a column that never
         changes gets no panel, and is named in the figure's footer instead."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        if fig is None:
+            return None
+        fig.savefig(self.plot_path, dpi=100)
+        plt.close(fig)
+        return self.plot_path
+
+    def figure(self):
+        """curves.png's figure (None without rows)."""
         if not self.history:
             return None
         import matplotlib
@@ -95,9 +106,7 @@ class MetricsWriter:
             fig.text(0.01, 0.005, "constant: " + ", ".join(f"{k}={v:g}" for k, v in constants.items()),
                      fontsize="small", va="bottom")
         fig.tight_layout(rect=(0, 0.03 if constants else 0, 1, 1))
-        fig.savefig(self.plot_path, dpi=100)
-        plt.close(fig)
-        return self.plot_path
+        return fig
 
     def write_hparams(self, cfg, summary: dict) -> None:
         """The run's settings and final numbers in TensorBoard's HPARAMS tab."""
