@@ -287,3 +287,41 @@ def test_mela_study_at_toy_scale_then_the_same_command_skips_everything(tmp_path
         assert f"skipping meta_eval of toy_synthetic_fs_resnet12_{step}_s0" in again
     assert "==>" not in again
     assert {path: path.stat().st_mtime for path in chain.rglob("*") if path.is_file()} == written
+
+
+# ---- `make pipeline` as given: the labeler's defaults follow the dataset ----------------------------------------
+
+def test_every_mela_dataset_carries_labeler_defaults_that_fit_it(workspace):
+    """K a multiple of n_ways (15: 3- and 5-way tasks); on the generated and small datasets random tasks, enough
+    for the K / n_ways tasks the initial centroids take; on the real ones the original's values. The defaults of
+    the chosen dataset name no run differently (no hash in the name)."""
+    from dataset.fewshot.config import mela_dataset_names
+
+    for name in mela_dataset_names():
+        labeler = yaml.safe_load((ROOT / "config" / "dataset" / f"{name}.yaml").read_text())["labeler"]
+        assert set(labeler) == {"K", "train_db_size", "no_replacement"}, name
+        if labeler["no_replacement"]:
+            assert (labeler["K"], labeler["train_db_size"]) == (400, None), name
+        else:
+            assert labeler["K"] % 15 == 0 and labeler["train_db_size"] >= labeler["K"] // 3, name
+    cfg = compose(SCRIPTS["learn_labeler"], ["dataset=synthetic_fs"])
+    assert (cfg.K, cfg.train_db_size, cfg.no_replacement) == (30, 50, False)
+    assert cfg.name == "labeler_resnet12_synthetic_fs_f50_nways5_nshots5_q3.5_3_s0"
+    assert compose(SCRIPTS["learn_labeler"], ["dataset=synthetic_fs", "K=45"]).name.startswith(f"{cfg.name}_")
+    assert compose(SCRIPTS["learn_labeler"], ["dataset=miniImageNet"]).name == \
+        "labeler_resnet12_miniImageNet_nways5_nshots5_no-replace_q3.5_3_s0"  # as before the per-dataset defaults
+
+
+@pytest.mark.parametrize("overrides", [[], ["epochs=1", "model.width_mult=0.125"]])
+def test_make_pipeline_plans_its_default_chain(workspace, overrides):
+    """`make pipeline` (synthetic_fs) and `make pipeline ARGS='epochs=1 model.width_mult=0.125'`: every step
+    composes and validates; the labeler's K needs no more tasks than it gets."""
+    args = argparse.Namespace(dataset=["synthetic_fs"], model=None, seed=None, name="pipeline", out=None,
+                              python="python", overrides=overrides)
+    keys = {script: set(compose(SCRIPTS[script], ["dataset=synthetic_fs"]).keys()) | {"hydra"}
+            for script in (*pipeline.TRAINING, pipeline.EVALUATION)}
+    [chain] = pipeline.chains(args, pipeline.distribute(overrides, keys))
+    pipeline.plan(chain)
+    labeler = chain.training[1].cfg
+    assert labeler.K // labeler.n_ways <= labeler.train_db_size and not labeler.no_replacement
+    assert [s.action for s in chain.training] == ["run"] * 4
