@@ -51,7 +51,8 @@ bench_maxl: setup
 # ---- MeLa ---------------------------------------------------------------------------------------------------
 # The whole chain on one dataset, then meta_eval of every stage:  make pipeline DATASET=miniImageNet NAME=... ARGS='...'
 # ARGS go to every step that has the key; SCRIPT:key=value to one step (e.g. fine_tune:epochs=2). Runs are named
-# <NAME>_<dataset>_<model>_<step>_s<seed>; the same command again skips the finished steps.
+# <NAME>_<dataset>_<model>_<step>_s<seed>; the same command again skips the finished steps. DATASET: synthetic_fs
+# unless given; learn_labeler's K, train_db_size and no_replacement follow the dataset (its labeler: node).
 pipeline: setup
 	$(PY) -m tools.study pipeline
 

@@ -64,8 +64,9 @@ def _tools(folder: Path) -> Path:
 def _outside(tmp_path: Path) -> dict:
     """What a stray write would change: the project's own files and the file system's top."""
     status = subprocess.run(["git", "status", "--porcelain", "--ignored", "--untracked-files=all"], cwd=ROOT,
-                            capture_output=True, text=True).stdout
-    return {"project": status, "top": sorted(os.listdir("/")), "tmp": sorted(os.listdir(tmp_path))}
+                            capture_output=True, text=True).stdout.splitlines()
+    new_files = sorted(line for line in status if line.startswith(("??", "!!")) and "__pycache__" not in line)
+    return {"project": new_files, "top": sorted(os.listdir("/")), "tmp": sorted(os.listdir(tmp_path))}
 
 
 def run_block(block: Block, tmp_path: Path, timeout: int = 900, **environment) -> tuple[Path, str]:
@@ -85,5 +86,7 @@ def run_block(block: Block, tmp_path: Path, timeout: int = 900, **environment) -
                           timeout=timeout)
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"{block.where} ({block.name}) failed:\n{output[-4000:]}"
-    assert _outside(tmp_path) == before, f"{block.where} ({block.name}) wrote outside its copy"
+    after = _outside(tmp_path)
+    stray = {place: sorted(set(after[place]) ^ set(before[place])) for place in before if after[place] != before[place]}
+    assert not stray, f"{block.where} ({block.name}) wrote outside its copy: {stray}"
     return copy, output

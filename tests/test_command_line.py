@@ -34,7 +34,8 @@ def test_misspellings_are_one_line_with_the_closest_valid_name(script, argv, mes
 
 
 @pytest.mark.parametrize("argv", [
-    ["--help"], ["epoch=3", "--help"], ["--cfg", "job", "--resolve", "seed=2"], ["-m", "method=single,maxl", "seed=0,1"],
+    ["--help"], ["epoch=3", "--help"], ["--cfg", "job", "--resolve", "seed=2"],
+    ["-m", "method=single,maxl", "seed=0,1"],
     ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], ["+experiment=maxl_psi", "experiment/psi=psi2"],
     ["+extra=1"], ["dataset=digits", "dataset.primary_level=2", "model.width_mult=0.5"], ["model=glob(*)"],
 ])
