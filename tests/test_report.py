@@ -223,6 +223,21 @@ def test_old_use_a_metrics_column_and_the_figure_of_mean_curves(sweep, tmp_path,
     assert report.curve_column(runs, ["test/acc_last5_mean"], None) == "test/acc"
 
 
+def test_an_accuracy_band_stays_inside_0_and_1(tmp_path):
+    """Two seeds at 0.99 and 0.90: the t-interval reaches past 1; the figure's band stops there."""
+    for seed, acc in ((0, 0.99), (1, 0.90)):
+        write_run(tmp_path / f"run{seed}", method="single", seed=seed, name=f"single_s{seed}",
+                  summary={"epochs": 2, "test/acc_last5_mean": acc},
+                  history=[{"epoch": e, "test/acc": acc, "time_s": 1.0} for e in range(2)])
+    runs, _ = report.collect([str(tmp_path)])
+    groups, _ = report.make_groups(runs, report.label_keys(runs))
+    [(_, means, half)] = report.mean_curves(groups, "test/acc").values()
+    assert (means + half > 1).all()  # the interval itself
+    fig = report.figure(groups, "test/acc")
+    [band] = fig.axes[0].collections
+    assert band.get_paths()[0].vertices[:, 1].max() == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("args, message", [
     (["EMPTY"], "error: no finished runs under"),
     (["SWEEP", "--metric", "test/accuracy"], "error: --metric test/accuracy: no run has it"),
