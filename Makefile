@@ -2,11 +2,21 @@
 SHELL := /bin/sh
 PY := .venv/bin/python
 # PyPI's torch 2.14.1 wheels are CUDA 13.0 builds (NVIDIA driver >= 580; they also run without a GPU). For an
-# older driver, on a fresh .venv (rm -rf .venv), e.g. (README, "Set-up"):
+# older driver, or a CPU-only torch, on a fresh .venv (rm -rf .venv), e.g. (README, "Set-up"):
 #   make setup TORCH_SPEC="torch==2.6.0 torchvision==0.21.0 --index-url https://download.pytorch.org/whl/cu118"
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The spec a .venv was made with is kept in .venv/.torch_spec and used again when pyproject.toml changes, unless
+# TORCH_SPEC is given (on the command line or in the environment): a spec other than the recorded one reinstalls.
+TORCH_DEFAULT := torch==2.14.1 torchvision==0.29.1
+TORCH_RECORDED := $(strip $(shell cat .venv/.torch_spec 2>/dev/null))
+ifeq ($(origin TORCH_SPEC),undefined)
+TORCH_SPEC := $(or $(TORCH_RECORDED),$(TORCH_DEFAULT))
+else ifneq ($(strip $(TORCH_SPEC)),$(TORCH_RECORDED))
+.venv/.installed: FORCE
+endif
 
-.PHONY: setup test demo demo_maxl demo_mela pipeline bench bench_maxl bench_mela download_cifar100 download_cifar10
+.PHONY: setup test demo demo_maxl demo_mela pipeline bench bench_maxl bench_mela download_cifar100 download_cifar10 \
+  FORCE
+FORCE:
 
 setup: .venv/.installed
 
@@ -14,6 +24,7 @@ setup: .venv/.installed
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e '.[test]'
+	echo '$(strip $(TORCH_SPEC))' > .venv/.torch_spec
 	touch $@
 
 # Two test processes with one thread each; the 15 slowest tests are listed at the end.
@@ -21,7 +32,7 @@ test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 # ---- MAXL ---------------------------------------------------------------------------------------------------
-DEMO_MAXL := dataset=digits model.width_mult=0.25 epochs=15 device=cpu num_workers=0 progress=false overwrite=true
+DEMO_MAXL := dataset=digits model.width_mult=0.25 epochs=15 device=cpu num_workers=0 progress=false
 
 demo: demo_maxl demo_mela
 
@@ -39,13 +50,13 @@ bench_maxl: setup
 # ---- MeLa ---------------------------------------------------------------------------------------------------
 # The whole chain on one dataset, then meta_eval of every stage:  make pipeline DATASET=miniImageNet NAME=... ARGS='...'
 # ARGS go to every step that has the key; SCRIPT:key=value to one step (e.g. fine_tune:epochs=2). Runs are named
-# <NAME>_<dataset>_<model>_<step>_s<seed>; the same command again skips the finished steps.
-DATASET ?= synthetic_fs
+# <NAME>_<dataset>_<model>_<step>_s<seed>; the same command again skips the finished steps. DATASET: synthetic_fs
+# unless given; learn_labeler's K, train_db_size and no_replacement follow the dataset (its labeler: node).
 pipeline: setup
-	$(PY) -m tools.pipeline --dataset $(DATASET) $(if $(NAME),--name $(NAME)) -- $(ARGS)
+	$(PY) -m tools.study pipeline
 
 # digits: classes 0-3 / 4-6 / 7-9, so 3-way tasks; the labeler needs more tasks than K / n_ways, hence random ones.
-DEMO_MELA := model.width_mult=0.5 device=cpu num_workers=0 progress=false overwrite=true n_ways=3 val_n_ways=3 \
+DEMO_MELA := model.width_mult=0.5 device=cpu num_workers=0 progress=false n_ways=3 val_n_ways=3 \
   test_db_size=300 learn_meta_repr:epochs=20 learn_labeler:epochs=6 sup_baseline:epochs=6 \
   learn_labeler:no_replacement=false learn_labeler:train_db_size=20 K=30
 demo_mela: setup
@@ -92,43 +103,20 @@ bench_data: setup
 #   make mela_study  [DATASETS='miniImageNet tieredImageNet'] [MODELS='resnet12 resnet18'] [SEEDS=0,1,2] [NAME=...]
 # STUDY_DIR: where the runs, table.csv, table.json and the figure go (default: a new folder per invocation for the
 # MAXL sweeps, logs/pipeline/<NAME> for mela_study, which continues where the same command stopped).
-STUDY_STAMP := $(shell date +%Y-%m-%d_%H-%M-%S)
+# The variables reach tools/study.py through the environment, as given (never spliced into the recipe's shell
+# text), so ARGS may span lines or hold quotes and the results stay in the study's folder.
 MAXL_STUDIES := maxl_hierarchies maxl_psi
-REPORT_maxl_hierarchies := --compare method=maxl method=single --compare method=maxl method=human
-REPORT_maxl_psi := --compare method=maxl method=single
-DATASETS ?= miniImageNet tieredImageNet
-MODELS ?= resnet12 resnet18
+export ARGS SEEDS STUDY_DIR NAME DATASET DATASETS MODELS
 .PHONY: $(MAXL_STUDIES) mela_study
 
-$(MAXL_STUDIES): setup
-	dir="$(or $(STUDY_DIR),logs/studies/$@/$(STUDY_STAMP))"; \
-	$(PY) maxl_train.py -m +experiment=$@ hydra.sweep.dir="$$dir" $(if $(SEEDS),seed=$(SEEDS)) $(ARGS) || failed=1; \
-	$(PY) -m tools.report "$$dir" $(REPORT_$@) --csv "$$dir/table.csv" --json "$$dir/table.json" \
-	  --plot "$$dir/test_accuracy.png" && exit $${failed:-0}
-
-mela_study: setup
-	name="$(or $(NAME),mela_study)"; dir="$(or $(STUDY_DIR),logs/pipeline/$(or $(NAME),mela_study))"; \
-	$(PY) -m tools.pipeline --name "$$name" --out "$$dir" --dataset $(DATASETS) --model $(MODELS) \
-	  --seed $(if $(SEEDS),$(SEEDS),0 1 2) -- $(ARGS) || failed=1; \
-	$(PY) -m tools.report "$$dir/*/eval" --compare evaluated=learn_labeler evaluated=learn_meta_repr \
-	  --compare evaluated=fine_tune evaluated=sup_baseline --csv "$$dir/table.csv" --json "$$dir/table.json" && \
-	$(PY) -m tools.report "$$dir/*/train" --plot "$$dir/validation.png" && exit $${failed:-0}
+$(MAXL_STUDIES) mela_study: setup
+	$(PY) -m tools.study $@
 
 # ---- MeLa on CIFAR-FS and FC100 (from the CIFAR-100 archive of `make download_cifar100`) ----------------------
 #   make mela_cifar  [CIFAR_DATASETS='cifar_fs fc100'] [SEEDS=0,1,2] [NAME=...] [STUDY_DIR=...] [ARGS='...']
-# The whole pipeline per dataset (ResNet-12, 32x32), meta_eval 1-shot and 5-shot of every step, then the table.
-# CIFAR_SETTINGS and K_<dataset> are the CIFAR scale's settings (README, "Where this differs"); ARGS come after
-# them, so ARGS='learn_labeler:K=...' overrides K.
-CIFAR_DATASETS ?= cifar_fs fc100
-CIFAR_SETTINGS ?= model.dropblock_size=2
-K_cifar_fs ?= 400
-K_fc100 ?= 375
+# The whole pipeline per dataset (ResNet-12, 32x32, model.dropblock_size=2; the labeler's K from the dataset's
+# config), meta_eval 1-shot and 5-shot of every step, then the table (tools/study.py).
+export CIFAR_DATASETS
 .PHONY: mela_cifar
 mela_cifar: setup
-	name="$(or $(NAME),mela_cifar)"; dir="$(or $(STUDY_DIR),logs/pipeline/$(or $(NAME),mela_cifar))"; \
-	$(foreach d,$(CIFAR_DATASETS),$(PY) -m tools.pipeline --name "$$name" --out "$$dir" --dataset $(d) \
-	  --model resnet12 --seed $(if $(SEEDS),$(SEEDS),0 1 2) -- $(CIFAR_SETTINGS) learn_labeler:K=$(K_$(d)) \
-	  $(ARGS) || failed=1;) \
-	$(PY) -m tools.report "$$dir/*/eval" --compare evaluated=learn_labeler evaluated=learn_meta_repr \
-	  --compare evaluated=fine_tune evaluated=sup_baseline --csv "$$dir/table.csv" --json "$$dir/table.json" && \
-	$(PY) -m tools.report "$$dir/*/train" --plot "$$dir/validation.png" && exit $${failed:-0}
+	$(PY) -m tools.study $@

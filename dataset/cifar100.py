@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from dataset.safe_pickle import load_pickle
+from engine.errors import UserError
 
 # The reference's hard-coded maps: CIFAR's 20 coarse classes -> 10 groups -> 3 (animals, plants, objects/scenes).
 COARSE20_TO_10 = {0: 1, 1: 2, 2: 5, 3: 6, 4: 5, 5: 6, 6: 6, 7: 3, 8: 0, 9: 7, 10: 8, 11: 0, 12: 1, 13: 3, 14: 4,
@@ -77,5 +78,11 @@ def download(data_dir: Path, cifar10: bool) -> Path:
     import torchvision
 
     cls = torchvision.datasets.CIFAR10 if cifar10 else torchvision.datasets.CIFAR100
-    dataset = cls(root=str(data_dir), train=True, download=True)
+    try:
+        dataset = cls(root=str(data_dir), train=True, download=True)
+    except (OSError, RuntimeError) as exc:  # no network (URLError is an OSError), a full disk, a failed md5 check
+        reason = str(getattr(exc, "reason", None) or exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(f"{cls.__name__} could not be downloaded from {cls.url} into {data_dir} ({reason}): check "
+                        f"the network and the disk and run the same command again, or put the archive "
+                        f"{cls.filename} there yourself") from None
     return Path(dataset.root) / dataset.base_folder

@@ -1,6 +1,7 @@
 """Hydra entry point of every script: composes and validates the config, opens a `Session`, turns `UserError` into
 one line. In a sweep (`-m`) a failed job is recorded in its folder (`error.txt`) and the other jobs still run; the
 sweep then lists the failures and exits 1. An interrupted run (SIGTERM/SIGUSR1/SIGINT) exits 128 + the signal."""
+import difflib
 import functools
 import logging
 import os
@@ -24,10 +25,10 @@ from engine.config import (  # importing engine.config registers the run-name re
     validate_and_name,
 )
 from engine.errors import ERROR_FILE, RunInterrupted, UserError
-from engine.help import register_help
+from engine.help import group_options, register_help
 from engine.script import Script
 from engine.session import Session
-from engine.settings import defaults
+from engine.settings import declared, defaults
 from engine.workspace import workspace_root
 
 log = logging.getLogger("metalabel")
@@ -106,6 +107,54 @@ def register(script: Script) -> None:
     register_help(script, CONFIG_DIR)
 
 
+def _closest(name: str, names) -> str:
+    names = list(names)
+    by_lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    return f"did you mean {by_lower[close[0]]}? " if close else ""
+
+
+def check_command_line(script: Script, argv: list[str]) -> None:
+    """What Hydra would refuse with a message of many lines, as one `UserError` before Hydra starts: a key the
+    script does not declare (without `+`), and a config group option that does not exist (`dataset=digit`). Other
+    overrides (`hydra...`, `+key=...`, other groups, nested keys) are left to Hydra and `validate`."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType, ValueType
+    from hydra.errors import HydraException
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.shell_completion or args.info:
+        return
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException:
+        return  # a syntax error: Hydra's own message names the place
+    keys = declared(script.settings)
+    for override in overrides:
+        key = override.key_or_group
+        if override.type != OverrideType.CHANGE or override.package is not None or "/" in key \
+                or key.split(".", 1)[0] == "hydra":
+            continue
+        root = key.split(".", 1)[0]
+        if root not in keys and root not in script.groups:
+            raise UserError(f"{override.input_line}: {root} is not a setting of {script.name}.py: "
+                            f"{_closest(root, [*keys, *script.groups])}(python {script.name}.py --help lists the keys)")
+        if key not in script.groups:
+            continue
+        if override.value_type == ValueType.ELEMENT:
+            values = [str(override.value())]
+        elif override.value_type == ValueType.SIMPLE_CHOICE_SWEEP:
+            values = list(override.sweep_string_iterator())
+        else:
+            continue
+        for value in values:
+            if not Path(CONFIG_DIR, key, f"{value}.yaml").is_file():
+                options = group_options(script, CONFIG_DIR)[key]
+                raise UserError(f"{key}={value}: no such {key} option for {script.name}.py: "
+                                f"{_closest(value, options)}({key} options: {', '.join(options)})")
+
+
 def hydra_main(script: Script):
     """Decorate `main(cfg, session)`: Hydra composes the config, the engine validates it and opens a session around
     the call.
@@ -146,6 +195,11 @@ def hydra_main(script: Script):
 
         @functools.wraps(main)
         def entry():
+            try:
+                check_command_line(script, sys.argv[1:])
+            except UserError as err:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(1)
             _join_process_group()
             return run()
 
@@ -161,6 +215,7 @@ def compose(script: Script, overrides: list[str]):
     from hydra import initialize_config_dir
 
     register(script)
+    check_command_line(script, overrides)
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         cfg = hydra_compose(script.name, overrides=overrides, return_hydra_config=True)
         validate_and_name(cfg, script, dict(cfg.hydra.runtime.choices))

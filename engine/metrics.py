@@ -17,56 +17,96 @@ class MetricsWriter:
         self.csv_path = self.run_dir / "metrics.csv"
         self.plot_path = self.run_dir / "curves.png"
         self.history: list[dict] = []
-        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"))
-        for row in history or []:  # a resumed run rewrites what the interrupted one recorded
-            self.write(row)
+        # A resumed run rewrites metrics.csv with what the interrupted one recorded; TensorBoard gets those rows
+        # only in a new folder: where events exist (the same run directory), only the new epochs are added, and
+        # purge_step drops any later epoch the interrupted run had logged but not checkpointed.
+        board = self.run_dir / "tensorboard"
+        continued = bool(history) and any(board.glob("events.out.tfevents.*"))
+        self.tensorboard = SummaryWriter(str(board), purge_step=history[-1]["epoch"] + 1 if continued else None)
+        for row in history or []:
+            self.write(row, tensorboard=not continued)
 
-    def write(self, row: dict) -> None:
+    def write(self, row: dict, tensorboard: bool = True) -> None:
         self.history.append(dict(row))
         columns = list(dict.fromkeys(key for r in self.history for key in r))
         with open(self.csv_path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=columns)
             writer.writeheader()
             writer.writerows(self.history)
+        if not tensorboard:
+            return
         for key, value in row.items():
             if key != "epoch" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(key, value, row["epoch"])
         self.tensorboard.flush()
 
     def plot(self) -> Path | None:
-        """One panel per metric group (the part of the name before '/'), epochs on the x axis."""
+        """One panel per metric (the part of the name after '/'; losses together, accuracies together), epochs
+        counted from 1 on the x axis (metrics.csv counts them from 0). A baseline (`..._trivial`, `..._chance`) is
+        drawn dashed in its metric's panel, an interval (`..._ci95`) as a band around its metric; a column that never
+        changes gets no panel, and is named in the figure's footer instead."""
+        import matplotlib.pyplot as plt
+
+        fig = self.figure()
+        if fig is None:
+            return None
+        fig.savefig(self.plot_path, dpi=100)
+        plt.close(fig)
+        return self.plot_path
+
+    def figure(self):
+        """curves.png's figure (None without rows)."""
         if not self.history:
             return None
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
-        groups = defaultdict(list)
+        series = {}
         for key in dict.fromkeys(k for r in self.history for k in r):
             if key in ("epoch",) + NOT_COMPARED:
                 continue
-            kind = "loss" if "loss" in key else "acc" if "acc" in key else key.split("/")[-1]
-            groups[kind].append(key)
-        columns = min(3, len(groups))
-        rows = -(-len(groups) // columns)
+            points = [(r["epoch"] + 1, r[key]) for r in self.history
+                      if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
+            if points:
+                series[key] = points
+        panels, baselines, bands = plot_parts(series)
+        constants = {key: series[key][0][1] for keys in panels.values() for key in keys
+                     if key not in baselines and key not in bands and len(series[key]) > 1
+                     and len({value for _, value in series[key]}) == 1}
+        panels = {kind: kept for kind, keys in panels.items() if (kept := [k for k in keys if k not in constants])}
+        if not panels:
+            return None
+        columns = min(3, len(panels))
+        rows = -(-len(panels) // columns)
         fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.5 * rows), squeeze=False)
-        for ax in axes.flat[len(groups):]:
+        for ax in axes.flat[len(panels):]:
             ax.axis("off")
-        for ax, (kind, keys) in zip(axes.flat, groups.items()):
+        for ax, (kind, keys) in zip(axes.flat, panels.items()):
             for key in keys:
-                points = [(r["epoch"], r[key]) for r in self.history
-                          if isinstance(r.get(key), (int, float)) and not math.isnan(r[key])]
-                if points:
-                    ax.plot(*zip(*points), marker="." if len(points) < 30 else None, label=key)
+                epochs, values = zip(*series[key])
+                line, = ax.plot(epochs, values, marker="." if len(epochs) < 30 else None, label=key)
+                if key in bands:
+                    half = dict(series[bands[key]])
+                    low = [v - half.get(e, math.nan) for e, v in series[key]]
+                    high = [v + half.get(e, math.nan) for e, v in series[key]]
+                    ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, linewidth=0,
+                                    label=f"{key} 95% interval")
+                for baseline in baselines.get(key, []):
+                    ax.plot(*zip(*series[baseline]), linestyle="--", color=line.get_color(), alpha=0.7,
+                            label=baseline)
             ax.set_title(kind)
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.legend(fontsize="small")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(self.plot_path, dpi=100)
-        plt.close(fig)
-        return self.plot_path
+        if constants:
+            fig.text(0.01, 0.005, "constant: " + ", ".join(f"{k}={v:g}" for k, v in constants.items()),
+                     fontsize="small", va="bottom")
+        fig.tight_layout(rect=(0, 0.03 if constants else 0, 1, 1))
+        return fig
 
     def write_hparams(self, cfg, summary: dict) -> None:
         """The run's settings and final numbers in TensorBoard's HPARAMS tab."""
@@ -79,6 +119,27 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.tensorboard.close()
+
+
+BASELINE_SUFFIXES = ("_trivial", "_chance")
+INTERVAL_SUFFIX = "_ci95"
+
+
+def plot_parts(series: dict) -> tuple[dict, dict, dict]:
+    """How curves.png draws the columns: (panel -> its metrics, metric -> its baselines, metric -> its interval's
+    column). A baseline or interval whose metric is absent is drawn as a metric of its own."""
+    baselines, bands, panels = defaultdict(list), {}, defaultdict(list)
+    for key in series:
+        base = next((key.removesuffix(s) for s in BASELINE_SUFFIXES if key.endswith(s)), None)
+        if base in series:
+            baselines[base].append(key)
+            continue
+        if key.endswith(INTERVAL_SUFFIX) and key.removesuffix(INTERVAL_SUFFIX) in series:
+            bands[key.removesuffix(INTERVAL_SUFFIX)] = key
+            continue
+        kind = "loss" if "loss" in key else "acc" if "acc" in key else key.split("/")[-1]
+        panels[kind].append(key)
+    return dict(panels), dict(baselines), bands
 
 
 def mean_ci95(values, confidence: float = 0.95) -> tuple[float, float]:

@@ -48,7 +48,8 @@ class LabelerSettings:
 
     pretrained_centroids: object = setting(None, AnyOf((Null("cluster the features"), Text("a centroids file"))),
                                            "a centroids.pt (or the original's tensor file): skip clustering")
-    K: int = setting(400, POSITIVE_INT, "initial centroids (a multiple of n_ways)")
+    K: int = setting(400, POSITIVE_INT, "initial centroids (a multiple of n_ways; learn_labeler takes the "
+                                        "dataset's labeler.K)")
     std_factor: float = setting(3.5, NON_NEGATIVE, "pruning: keep centroids with hits > mean - std_factor * "
                                 "binomial std")
     sup_data_aug: bool = setting(True, Boolean(), "augmentation of the training on the inferred labels")

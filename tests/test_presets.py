@@ -14,6 +14,7 @@ import scipy.stats
 import torch
 import yaml
 from conftest import ROOT
+from docs_blocks import marked_blocks, run_block
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
@@ -38,14 +39,6 @@ def preset(name: str, *overrides: str):
     register(SCRIPTS["maxl_train"])
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
         return hydra_compose("maxl_train", overrides=[f"+experiment={name}", *overrides], return_hydra_config=True)
-
-
-def make(target: str, workspace, **variables):
-    """`make TARGET VAR=...` from the repository root, as a user runs it (without re-running `setup`)."""
-    env = dict(os.environ, WORKSPACE=str(workspace), PYTHONWARNINGS="ignore")
-    args = [f"{key}={value}" for key, value in variables.items()]
-    return subprocess.run(["make", "-s", "-o", ".venv/.installed", f"PY={sys.executable}", target, *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
 
 
 def interval(values):
@@ -212,12 +205,29 @@ def check_groups(document, runs, keys):
             assert (stats["low"], stats["high"]) == pytest.approx(expected, abs=1e-9)
 
 
-def test_maxl_hierarchies_study_at_toy_scale(tmp_path, workspace):
+# The documentation's toy-scale commands (docs/experiments.md, blocks marked `sh toy NAME`), run as printed
+RUN_HERE = ("maxl_studies", "mela_study")
+
+
+@pytest.fixture(scope="module")
+def maxl_studies(tmp_path_factory):
+    """`make maxl_hierarchies` (one level pair, the four methods, two seeds) and `make maxl_psi` (maxl at two psi and
+    the single reference, one seed) with the toy settings of docs/experiments.md, in a copy of the project."""
+    copy, output = run_block(marked_blocks()["maxl_studies"], tmp_path_factory.mktemp("maxl_studies"))
+    return {target: next((copy / "logs" / "studies" / target).iterdir()) for target in ("maxl_hierarchies",
+                                                                                       "maxl_psi")}, output
+
+
+def test_the_documented_toy_settings_are_those_of_these_tests():
+    blocks = marked_blocks()
+    assert " ".join(TOY_HIER) in " ".join(blocks["maxl_studies"].text.split())
+    assert " ".join(TOY_FS) in " ".join(blocks["mela_study"].text.split())
+
+
+def test_maxl_hierarchies_study_at_toy_scale(maxl_studies):
     """One level pair, the four methods, two seeds (the whole grid's contents are checked above)."""
-    study = tmp_path / "study"
-    done = make("maxl_hierarchies", workspace, STUDY_DIR=study, SEEDS="0,1",
-                ARGS=" ".join(["experiment/levels=3-100", *TOY_HIER]))
-    assert done.returncode == 0, done.stdout + done.stderr
+    folders, output = maxl_studies
+    study = folders["maxl_hierarchies"]
     runs = summaries(study)
     assert sorted((c["primary_level"], c["auxiliary_level"], c["method"], c["seed"]) for c, _ in runs.values()) == \
         sorted((3, 100, m, s) for m, s in itertools.product(["single", "human", "random", "maxl"], [0, 1]))
@@ -232,15 +242,12 @@ def test_maxl_hierarchies_study_at_toy_scale(tmp_path, workspace):
         comparison = comparisons[("method=maxl", f"method={other}")]
         assert comparison["n"] == 2 and comparison["mean"] == pytest.approx(np.mean(diffs), abs=1e-9)
     assert (study / "table.csv").is_file() and (study / "test_accuracy.png").read_bytes()[:4] == b"\x89PNG"
-    assert "8 runs in 4 groups" in done.stdout
+    assert "8 runs in 4 groups" in output
 
 
-def test_maxl_psi_study_at_toy_scale(tmp_path, workspace):
+def test_maxl_psi_study_at_toy_scale(maxl_studies):
     """maxl at two psi and the single reference, one seed."""
-    study = tmp_path / "study"
-    done = make("maxl_psi", workspace, STUDY_DIR=study, SEEDS="0",
-                ARGS=" ".join(["experiment/psi=single,psi2,psi100", *TOY_HIER]))
-    assert done.returncode == 0, done.stdout + done.stderr
+    study = maxl_studies[0]["maxl_psi"]
     runs = summaries(study)
     assert sorted((c["method"], c["psi"] or 0) for c, _ in runs.values()) == [("maxl", 2), ("maxl", 100), ("single", 0)]
     document = json.loads((study / "table.json").read_text())
@@ -255,12 +262,12 @@ def test_maxl_psi_study_at_toy_scale(tmp_path, workspace):
         assert comparison["mean"] == pytest.approx(maxl - single, abs=1e-9)
 
 
-def test_mela_study_at_toy_scale_then_the_same_command_skips_everything(tmp_path, workspace, capsys):
-    """One dataset, one model, one seed (the loop over them is checked above)."""
-    study = tmp_path / "study"
-    done = make("mela_study", workspace, STUDY_DIR=study, NAME="toy", DATASETS="synthetic_fs", MODELS="resnet12",
-                SEEDS="0", ARGS=" ".join(TOY_FS))
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_mela_study_at_toy_scale_then_the_same_command_skips_everything(tmp_path, monkeypatch, capsys):
+    """One dataset, one model, one seed (the loop over them is checked above), as docs/experiments.md runs it."""
+    copy, _ = run_block(marked_blocks()["mela_study"], tmp_path)
+    study = copy / "logs" / "pipeline" / "toy"
+    monkeypatch.setenv("WORKSPACE", str(tmp_path / "workspace"))
+    monkeypatch.chdir(copy)
     chain = study / "synthetic_fs_resnet12_s0"
     document = json.loads((study / "table.json").read_text())
     assert document["settings"] == ["evaluated"] and document["metrics"] == ["test/1shot", "test/5shot"]
@@ -281,3 +288,41 @@ def test_mela_study_at_toy_scale_then_the_same_command_skips_everything(tmp_path
         assert f"skipping meta_eval of toy_synthetic_fs_resnet12_{step}_s0" in again
     assert "==>" not in again
     assert {path: path.stat().st_mtime for path in chain.rglob("*") if path.is_file()} == written
+
+
+# ---- `make pipeline` as given: the labeler's defaults follow the dataset ----------------------------------------
+
+def test_every_mela_dataset_carries_labeler_defaults_that_fit_it(workspace):
+    """K a multiple of n_ways (15: 3- and 5-way tasks); on the generated and small datasets random tasks, enough
+    for the K / n_ways tasks the initial centroids take; on the real ones the original's values. The defaults of
+    the chosen dataset name no run differently (no hash in the name)."""
+    from dataset.fewshot.config import mela_dataset_names
+
+    for name in mela_dataset_names():
+        labeler = yaml.safe_load((ROOT / "config" / "dataset" / f"{name}.yaml").read_text())["labeler"]
+        assert set(labeler) == {"K", "train_db_size", "no_replacement"}, name
+        if labeler["no_replacement"]:
+            assert (labeler["K"], labeler["train_db_size"]) == (400, None), name
+        else:
+            assert labeler["K"] % 15 == 0 and labeler["train_db_size"] >= labeler["K"] // 3, name
+    cfg = compose(SCRIPTS["learn_labeler"], ["dataset=synthetic_fs"])
+    assert (cfg.K, cfg.train_db_size, cfg.no_replacement) == (30, 50, False)
+    assert cfg.name == "labeler_resnet12_synthetic_fs_f50_nways5_nshots5_q3.5_3_s0"
+    assert compose(SCRIPTS["learn_labeler"], ["dataset=synthetic_fs", "K=45"]).name.startswith(f"{cfg.name}_")
+    assert compose(SCRIPTS["learn_labeler"], ["dataset=miniImageNet"]).name == \
+        "labeler_resnet12_miniImageNet_nways5_nshots5_no-replace_q3.5_3_s0"  # as before the per-dataset defaults
+
+
+@pytest.mark.parametrize("overrides", [[], ["epochs=1", "model.width_mult=0.125"]])
+def test_make_pipeline_plans_its_default_chain(workspace, overrides):
+    """`make pipeline` (synthetic_fs) and `make pipeline ARGS='epochs=1 model.width_mult=0.125'`: every step
+    composes and validates; the labeler's K needs no more tasks than it gets."""
+    args = argparse.Namespace(dataset=["synthetic_fs"], model=None, seed=None, name="pipeline", out=None,
+                              python="python", overrides=overrides)
+    keys = {script: set(compose(SCRIPTS[script], ["dataset=synthetic_fs"]).keys()) | {"hydra"}
+            for script in (*pipeline.TRAINING, pipeline.EVALUATION)}
+    [chain] = pipeline.chains(args, pipeline.distribute(overrides, keys))
+    pipeline.plan(chain)
+    labeler = chain.training[1].cfg
+    assert labeler.K // labeler.n_ways <= labeler.train_db_size and not labeler.no_replacement
+    assert [s.action for s in chain.training] == ["run"] * 4

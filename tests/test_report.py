@@ -215,9 +215,27 @@ def test_old_use_a_metrics_column_and_the_figure_of_mean_curves(sweep, tmp_path,
     ax = fig.axes[0]
     assert all(float(t).is_integer() for t in ax.get_xticks())
     line = ax.get_lines()[0]
-    assert list(line.get_xdata()) == [0, 1, 2]
+    assert list(line.get_xdata()) == [1, 2, 3]  # epochs counted from 1, as in the log (metrics.csv: from 0)
     assert line.get_ydata() == pytest.approx([np.mean(single) - 0.1 * (2 - e) for e in range(3)])
+    for band in ax.collections:  # an accuracy's 95% band stays inside [0, 1]
+        for path in band.get_paths():
+            assert ((path.vertices[:, 1] >= 0) & (path.vertices[:, 1] <= 1)).all()
     assert report.curve_column(runs, ["test/acc_last5_mean"], None) == "test/acc"
+
+
+def test_an_accuracy_band_stays_inside_0_and_1(tmp_path):
+    """Two seeds at 0.99 and 0.90: the t-interval reaches past 1; the figure's band stops there."""
+    for seed, acc in ((0, 0.99), (1, 0.90)):
+        write_run(tmp_path / f"run{seed}", method="single", seed=seed, name=f"single_s{seed}",
+                  summary={"epochs": 2, "test/acc_last5_mean": acc},
+                  history=[{"epoch": e, "test/acc": acc, "time_s": 1.0} for e in range(2)])
+    runs, _ = report.collect([str(tmp_path)])
+    groups, _ = report.make_groups(runs, report.label_keys(runs))
+    [(_, means, half)] = report.mean_curves(groups, "test/acc").values()
+    assert (means + half > 1).all()  # the interval itself
+    fig = report.figure(groups, "test/acc")
+    [band] = fig.axes[0].collections
+    assert band.get_paths()[0].vertices[:, 1].max() == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -229,6 +247,9 @@ def test_old_use_a_metrics_column_and_the_figure_of_mean_curves(sweep, tmp_path,
     (["SWEEP", "--compare", "7", "1"], "error: --compare 7: no group 7"),
     (["SWEEP", "--plot", "OUT", "--curve", "val/acc"], "error: --curve val/acc: no run's metrics.csv"),
     (["SWEEP/nothing*here"], "error: SWEEP/nothing*here: no such file or folder"),
+    (["SWEEP", "--json", "/table.json"], "error: --json /table.json: refusing to write at the top of the file "
+                                         "system"),
+    (["SWEEP", "--plot", ""], "error: --plot '': give a file name"),
 ])
 def test_bad_inputs_are_one_line_errors_and_write_nothing(sweep, tmp_path, capsys, args, message):
     (tmp_path / "empty").mkdir()

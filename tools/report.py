@@ -515,6 +515,12 @@ def mean_curves(groups: list[Group], column: str) -> dict[int, tuple[list, np.nd
     return curves
 
 
+def is_fraction(column: str) -> bool:
+    """An accuracy column (MAXL's test/acc, MeLa's val/5shot): its values lie in [0, 1]."""
+    name = column.rsplit("/", 1)[-1]
+    return "acc" in name or name.endswith("shot")
+
+
 def figure(groups: list[Group], column: str):
     import matplotlib
 
@@ -524,9 +530,16 @@ def figure(groups: list[Group], column: str):
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = {g.index: f"#{g.index} {g.label} (n={len(g.runs)})" for g in groups}
-    for index, (epochs, means, half) in mean_curves(groups, column).items():
-        line, = ax.plot(epochs, means, marker="." if len(epochs) < 30 else None, label=labels[index])
-        ax.fill_between(epochs, means - half, means + half, color=line.get_color(), alpha=0.2, linewidth=0)
+    curves = mean_curves(groups, column)
+    # an accuracy's band stays inside [0, 1] (a t-interval over few seeds can reach past it)
+    bounded = is_fraction(column) and all(((m >= 0) & (m <= 1)).all() for _, m, _ in curves.values())
+    for index, (epochs, means, half) in curves.items():
+        shown = [e + 1 for e in epochs]  # metrics.csv counts epochs from 0, the log and the figures from 1
+        line, = ax.plot(shown, means, marker="." if len(epochs) < 30 else None, label=labels[index])
+        low, high = means - half, means + half
+        if bounded:
+            low, high = np.clip(low, 0, 1), np.clip(high, 0, 1)
+        ax.fill_between(shown, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(column)
@@ -547,6 +560,18 @@ def plot(path: Path, groups: list[Group], column: str) -> None:
 
 
 # ---- command line -----------------------------------------------------------------------------------------
+
+def output_path(option: str, given: str) -> Path:
+    """An output file: not empty, not a folder, not at the file system's top (a study folder's name that came out
+    empty turns `$dir/table.csv` into `/table.csv`)."""
+    path = Path(given)
+    if not given.strip() or given.endswith("/") or path.is_dir():
+        raise UserError(f"--{option} {given!r}: give a file name, e.g. --{option} study/table.{option}")
+    if path.resolve().parent == Path(path.resolve().anchor):
+        raise UserError(f"--{option} {given}: refusing to write at the top of the file system; give a file inside "
+                        f"the study's folder")
+    return path
+
 
 def report(args) -> None:
     runs, notes = collect(args.paths)
@@ -598,12 +623,15 @@ def main(argv=None) -> None:
                         "(repeatable; default: each run's headline metrics)")
     parser.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"),
                         help="paired comparison over seeds: group numbers or key=value settings (repeatable)")
-    parser.add_argument("--plot", type=Path, help="figure of the mean curves per group over epochs")
+    parser.add_argument("--plot", help="figure of the mean curves per group over epochs")
     parser.add_argument("--curve", help="the metrics.csv column plotted (default: the first metric's column)")
-    parser.add_argument("--csv", type=Path, help="write the table as CSV")
-    parser.add_argument("--json", type=Path, help="write groups, runs, values, intervals and comparisons as JSON")
+    parser.add_argument("--csv", help="write the table as CSV")
+    parser.add_argument("--json", help="write groups, runs, values, intervals and comparisons as JSON")
     args = parser.parse_args(argv)
     try:
+        for option in ("plot", "csv", "json"):
+            if getattr(args, option) is not None:
+                setattr(args, option, output_path(option, getattr(args, option)))
         report(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
