@@ -17,6 +17,7 @@ from engine.errors import UserError
 from engine.rng import seed_everything
 from engine.runs import RunLock, clear_run, decide_resume, remove_interrupted_writes
 from engine.script import Script
+from engine.settings import is_folder_name
 from engine.workspace import DEFAULT_WORKSPACE
 
 log = logging.getLogger("metalabel")
@@ -75,6 +76,7 @@ class Session:
         self._join_ranks()
         self._set_up_compute()
         self._open_checkpoint_folder()
+        self.training = False  # set by fit once the run is opened (restored or seeded): from then on it records
         self._epoch_listeners = []  # samplers and task datasets that draw per epoch
         seed_everything(int(cfg.seed))  # the same on every rank: models start identical
         if self.is_main:
@@ -107,6 +109,9 @@ class Session:
 
     def _open_checkpoint_folder(self) -> None:
         """The run's checkpoint folder; for a script that trains a run, continue or start it there, locked."""
+        if not is_folder_name(self.cfg.name):  # validated before; a config made by hand is checked here too
+            raise UserError(f"name={self.cfg.name}: a run name is one folder name (not '.' or '..', no '/'): "
+                            f"give name=... a plain name")
         self.checkpoint_dir = Path(self.cfg.checkpoint_dir) / self.cfg.name
         self.lock = None
         self.resuming = False  # continuing the run from its last checkpoint (engine/trainer.py restores it)
@@ -135,7 +140,7 @@ class Session:
             self.lock.acquire()
             remove_interrupted_writes(self.checkpoint_dir)
             if self.cfg.overwrite:
-                clear_run(self.checkpoint_dir)
+                clear_run(self.checkpoint_dir, Path(self.cfg.checkpoint_dir))
         self.barrier()
 
     # ---- models and batches -------------------------------------------------------------------------

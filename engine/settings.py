@@ -145,19 +145,29 @@ class Null(Rule):
         return value is None
 
 
+def is_folder_name(value) -> bool:
+    """One folder name: not empty, not `.` or `..`, without a path separator, whitespace or NUL (so that
+    `<checkpoint_dir>/<value>` is a folder directly inside checkpoint_dir, never checkpoint_dir itself or a place
+    outside it)."""
+    separators = {"/", "\\", "\0", os.sep, *([os.altsep] if os.altsep else [])}
+    return (isinstance(value, str) and value not in ("", ".", "..")
+            and not any(c in separators or c.isspace() for c in value))
+
+
 @dataclass(frozen=True)
 class Text(Rule):
-    """A non-empty string; `plain`: without '/' or whitespace (it names a directory)."""
+    """A non-empty string; `plain`: one folder name (no '/', whitespace, '.' or '..': it names a directory)."""
     what: str
     plain: bool = False
 
     def describe(self) -> str:
-        return self.what + (" (a non-empty string without '/' or whitespace)" if self.plain else "")
+        return self.what + (" (one folder name: not '.' or '..', without '/', '\\' or whitespace)"
+                            if self.plain else "")
 
     def accepts(self, value) -> bool:
         if not isinstance(value, str) or not value:
             return False
-        return not (self.plain and ("/" in value or any(c.isspace() for c in value)))
+        return is_folder_name(value) if self.plain else True
 
 
 @dataclass(frozen=True)

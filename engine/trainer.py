@@ -212,6 +212,7 @@ def rounded(value, digits: int = 6):
 def fit(session, job: TrainingJob, epochs: int) -> dict:
     """Train `job` for `epochs` epochs (from its last checkpoint when the session continues a run); its summary."""
     run = Run(session, job, epochs)  # restores the last checkpoint, or seeds a new run
+    session.training = True
     with StopSignals() as signals:
         for epoch in range(run.start, epochs):
             run.begin_epoch(epoch)

@@ -104,7 +104,7 @@ def test_resume_auto_true_false_and_overwrite(tmp_path):
     assert decide_resume(cfg_for(tmp_path, resume="false", overwrite=True), folder) is False
     for extra in ("best.pt", "best_1shot.pt", "centroids.pt", LOCK_FILE):
         (folder / extra).write_bytes(b"x")
-    clear_run(folder)
+    clear_run(folder, tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
 
 

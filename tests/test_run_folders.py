@@ -1,0 +1,169 @@
+"""Nothing lost, nothing mixed (issue 20): a run's folders are its own whatever its name, a checkpoint is never
+silently replaced, a refused input leaves every file of the workspace as it was."""
+import pytest
+from conftest import one_line_error, run_script
+
+from engine.entry import compose
+from engine.errors import UserError
+from engine.runs import clear_run
+from methods.scripts import SCRIPTS
+
+RUN = ["method=single", "dataset=synthetic_hier", "dataset.generate.train_per_class=4", "batch_size=50",
+       "device=cpu", "progress=false", "num_workers=0", "model.width_mult=0.0625", "epochs=1"]
+
+
+def snapshot(*roots):
+    """Every file and link under `roots`, with its bytes (a link: where it points)."""
+    found = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            if path.is_symlink():
+                found[path] = ("link", str(path.readlink()))
+            elif path.is_file():
+                found[path] = path.read_bytes()
+            else:
+                found[path] = "dir"
+    return found
+
+
+def other_runs(workspace):
+    """A workspace holding runs of two scripts (their files need not be real checkpoints: nothing may read them)."""
+    for folder in ("checkpoint/maxl/victim", "checkpoint/maxl/other", "checkpoint/label_learn/saves/mela"):
+        (workspace / folder).mkdir(parents=True)
+        for name in ("last.pt", "best.pt"):
+            (workspace / folder / name).write_bytes(f"{folder}/{name}".encode())
+    (workspace / "checkpoint" / "notes.txt").write_text("kept")
+
+
+@pytest.mark.parametrize("bad", ["..", ".", "a/b", "/tmp/x", "a\\b"])
+@pytest.mark.parametrize("key", ["name", "run_prefix"])
+def test_a_run_name_is_one_folder_name(key, bad, workspace):
+    with pytest.raises(UserError, match=f"{key}=.*: {key} must be a run name \\(one folder name"):
+        compose(SCRIPTS["maxl_train"], [*RUN, f"{key}={bad}"])
+
+
+@pytest.mark.parametrize("name", ["..", "."])
+def test_overwrite_with_a_dot_name_deletes_nothing(name, tmp_path, workspace):
+    other_runs(workspace)
+    before = snapshot(workspace)
+    result = run_script("maxl_train.py", *RUN, f"name={name}", "overwrite=true", cwd=tmp_path, workspace=workspace)
+    assert f"name={name}: name must be a run name" in one_line_error(result)
+    assert snapshot(workspace) == before
+
+
+def test_clear_run_clears_only_a_folder_directly_inside_checkpoint_dir(tmp_path):
+    root = tmp_path / "checkpoint"
+    (root / "run").mkdir(parents=True)
+    (root / "run" / "last.pt").write_bytes(b"x")
+    (root / "elsewhere").symlink_to(tmp_path)
+    (tmp_path / "outside.pt").write_bytes(b"y")
+    for directory in (root, root / "..", root / "run" / "..", tmp_path, root / "elsewhere", root / "run" / "x"):
+        with pytest.raises(UserError, match="not a run folder directly inside checkpoint_dir"):
+            clear_run(directory, root)
+    assert (root / "run" / "last.pt").exists() and (tmp_path / "outside.pt").exists()
+    clear_run(root / "run", root)
+    assert not (root / "run" / "last.pt").exists()
+
+
+def cfg(**values):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"resume": "auto", "overwrite": False, "name": "run", **values})
+
+
+@pytest.mark.parametrize("last", ["missing", "dangling", "folder"])
+def test_a_run_without_a_readable_last_checkpoint_is_refused_not_started_again(last, tmp_path):
+    from engine.runs import decide_resume
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "best.pt").write_bytes(b"best")
+    if last == "dangling":
+        (folder / "last.pt").symlink_to(tmp_path / "gone.pt")
+    elif last == "folder":
+        (folder / "last.pt").mkdir()
+    for mode in ("auto", "true", "false"):
+        with pytest.raises(UserError, match=r"holds files of an earlier run \(best\.pt.*overwrite=true"):
+            decide_resume(cfg(resume=mode), folder)
+    assert decide_resume(cfg(overwrite=True), folder) is False
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "lock.json").write_text("{}")
+    assert decide_resume(cfg(), tmp_path / "fresh") is False  # only a lock: nothing to lose
+
+
+def test_the_same_command_after_last_pt_was_deleted_keeps_best_pt(tmp_path, workspace):
+    assert run_script("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace).returncode == 0
+    folder = workspace / "checkpoint" / "maxl" / "done"
+    (folder / "last.pt").unlink()
+    before = snapshot(workspace)
+    result = run_script("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace)
+    assert "holds files of an earlier run (best.pt" in one_line_error(result)
+    assert snapshot(workspace) == before
+
+
+def test_a_lock_whose_pid_now_belongs_to_another_process_is_taken_over(tmp_path, caplog):
+    import json
+    import logging
+    import os
+    import socket
+    import time
+
+    from engine.runs import LOCK_FILE, RunLock, process_start
+
+    live = os.getppid()
+    assert process_start(live) is not None
+    record = {"pid": live, "host": socket.gethostname(), "started": time.time()}
+    (tmp_path / "reused").mkdir()
+    (tmp_path / "reused" / LOCK_FILE).write_text(json.dumps({**record, "pid_started": process_start(live) - 1}))
+    with caplog.at_level(logging.WARNING, logger="metalabel"):
+        RunLock(tmp_path / "reused", 24).acquire()
+    assert "its pid now belongs to another process" in caplog.text
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / LOCK_FILE).write_text(json.dumps({**record, "pid_started": process_start(live)}))
+    with pytest.raises(UserError, match=f"in use by process {live} .*{LOCK_FILE}"):
+        RunLock(tmp_path / "held", 24).acquire()
+    with pytest.raises(UserError, match=f"in use by process {live}"):
+        RunLock(tmp_path / "held", 24).check_free()
+    assert json.loads((tmp_path / "held" / LOCK_FILE).read_text())["pid"] == live
+
+
+def test_a_run_directory_holding_another_runs_records_is_refused(tmp_path, workspace):
+    assert run_script("maxl_train.py", *RUN, "name=first", "hydra.run.dir=logs/fixed", cwd=tmp_path,
+                      workspace=workspace).returncode == 0
+    before = snapshot(workspace, tmp_path / "logs")
+    result = run_script("maxl_train.py", *RUN, "name=second", "hydra.run.dir=logs/fixed", cwd=tmp_path,
+                        workspace=workspace)
+    assert "hydra.run.dir=logs/fixed holds the records of run first" in one_line_error(result)
+    assert snapshot(workspace, tmp_path / "logs") == before
+    again = run_script("maxl_train.py", *RUN, "name=first", "epochs=2", "hydra.run.dir=logs/fixed", cwd=tmp_path,
+                       workspace=workspace)  # the same run continuing into its own directory
+    assert again.returncode == 0, again.stderr
+    assert "resumed" in again.stderr + again.stdout
+
+
+def test_a_refused_run_leaves_no_log_folder_and_a_same_second_start_gets_its_own(tmp_path, workspace, monkeypatch):
+    monkeypatch.setenv("METALABEL_RUN_STAMP", "2026-01-01_00-00-00")  # every process: the same second
+    assert run_script("maxl_train.py", *RUN, "name=live", cwd=tmp_path, workspace=workspace).returncode == 0
+    folder = workspace / "checkpoint" / "maxl" / "live"
+    import json
+    import os
+    import socket
+    import time
+
+    from engine.runs import LOCK_FILE, process_start
+
+    live = os.getppid()  # a live process holds the run
+    (folder / LOCK_FILE).write_text(json.dumps({"pid": live, "host": socket.gethostname(), "started": time.time(),
+                                                "pid_started": process_start(live)}))
+    before = snapshot(workspace, tmp_path / "logs")
+    result = run_script("maxl_train.py", *RUN, "name=live", cwd=tmp_path, workspace=workspace)
+    assert f"in use by process {live}" in one_line_error(result)
+    assert snapshot(workspace, tmp_path / "logs") == before  # no log line in the live run's directory, no folder
+    (folder / LOCK_FILE).unlink()
+    second = run_script("maxl_train.py", *RUN, "name=live", "epochs=2", cwd=tmp_path, workspace=workspace)
+    assert second.returncode == 0, second.stderr
+    stamps = sorted(p.name for p in (tmp_path / "logs" / "maxl_train" / "live").iterdir())
+    assert stamps == ["2026-01-01_00-00-00", "2026-01-01_00-00-00_2"]
+    refused = run_script("maxl_train.py", *RUN, "name=live", "lr=0.5", cwd=tmp_path, workspace=workspace)
+    assert "written with lr=0.01" in one_line_error(refused)  # a resume mismatch: its folder is removed
+    assert sorted(p.name for p in (tmp_path / "logs" / "maxl_train" / "live").iterdir()) == stamps
