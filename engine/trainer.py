@@ -151,6 +151,19 @@ def _check_same_run(saved_yaml: str, session, path) -> None:
                         f"name=... to start another run")
 
 
+def _check_not_longer(payload: dict, session, epochs: int, path) -> None:
+    """A run is never continued by a command asking for fewer epochs than it has: its results would be the longer
+    run's under a config saying otherwise."""
+    position = payload.get("position")
+    has = payload["epoch"] + 1 + (1 if position is not None else 0)  # epochs done, or begun
+    if has > epochs:
+        done = f"{payload['epoch'] + 1} epochs" + (f" and part of epoch {has}" if position is not None else "")
+        raise UserError(f"run {session.cfg.name} already has {done} ({path}) but epochs={epochs} asks for fewer: "
+                        f"give epochs={has} (or more) to continue it, name=... to train a separate {epochs}-epoch run, "
+                        f"overwrite=true to start it again with epochs={epochs}, or evaluate an earlier epoch's "
+                        f"checkpoint if one is kept")
+
+
 def _restore(session, job, epochs: int):
     path = session.checkpoint_dir / "last.pt"
     payload = load_checkpoint(path, fix="delete it and run with overwrite=true, or give another name=...")
@@ -158,6 +171,7 @@ def _restore(session, job, epochs: int):
         raise UserError(f"{path} was written by {payload.get('script')}.py, not {session.script}.py: "
                         f"check name=...")
     _check_same_run(payload["config"], session, path)
+    _check_not_longer(payload, session, epochs, path)
     for name, obj in job.state_objects().items():
         if name not in payload["state"]:
             raise UserError(f"{path} has no '{name}' state: it was written by another version or method")

@@ -167,3 +167,13 @@ def test_a_refused_run_leaves_no_log_folder_and_a_same_second_start_gets_its_own
     refused = run_script("maxl_train.py", *RUN, "name=live", "lr=0.5", cwd=tmp_path, workspace=workspace)
     assert "written with lr=0.01" in one_line_error(refused)  # a resume mismatch: its folder is removed
     assert sorted(p.name for p in (tmp_path / "logs" / "maxl_train" / "live").iterdir()) == stamps
+
+
+def test_fewer_epochs_than_a_run_has_is_refused(tmp_path, workspace):
+    assert run_script("maxl_train.py", *RUN, "name=long", "epochs=2", cwd=tmp_path, workspace=workspace).returncode == 0
+    before = snapshot(workspace, tmp_path / "logs")
+    result = run_script("maxl_train.py", *RUN, "name=long", "epochs=1", cwd=tmp_path, workspace=workspace)
+    line = one_line_error(result)
+    assert "run long already has 2 epochs" in line and "epochs=1 asks for fewer" in line and "name=" in line
+    assert "overwrite=true" in line
+    assert snapshot(workspace, tmp_path / "logs") == before

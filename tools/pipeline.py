@@ -176,7 +176,12 @@ def plan(chain: Chain) -> None:
                 key, saved, asked = changed
                 raise UserError(f"{step.script}: run {step.name} exists with {key}={saved} (asked: {asked}): give "
                                 f"the pipeline another --name, or overwrite=true to run every step again")
-            finished = payload["epoch"] == int(step.cfg.epochs) - 1 and payload.get("position") is None
+            done, asked = payload["epoch"] + 1, int(step.cfg.epochs)
+            if done > asked or (done == asked and payload.get("position") is not None):
+                raise UserError(f"{step.script}: run {step.name} already has {done} epochs (asked: epochs={asked}): "
+                                f"give {step.script}:epochs={done}, the pipeline another --name, or overwrite=true "
+                                f"to run every step again")
+            finished = done == asked and payload.get("position") is None
             step.action = "skip" if finished else "run"
         if step.action != "skip":
             runs_now.add(step.script)
