@@ -76,6 +76,7 @@ class Session:
         self._join_ranks()
         self._set_up_compute()
         self._open_checkpoint_folder()
+        self.inputs = {}  # the checkpoints the run starts from (check_inputs)
         self.training = False  # set by fit once the run is opened (restored or seeded): from then on it records
         self._epoch_listeners = []  # samplers and task datasets that draw per epoch
         seed_everything(int(cfg.seed))  # the same on every rank: models start identical
@@ -142,6 +143,29 @@ class Session:
             if self.cfg.overwrite:
                 clear_run(self.checkpoint_dir, Path(self.cfg.checkpoint_dir))
         self.barrier()
+
+    def check_inputs(self, inputs: dict[str, str]) -> None:
+        """The checkpoints this run starts from (key -> `file_identity`), recorded in each of its checkpoints. A run
+        continued from another input than it started from is refused (its state would mix the two): call before
+        using the inputs."""
+        self.inputs = dict(inputs)
+        if not self.resuming:
+            return
+        from engine.checkpoint import load_checkpoint
+
+        last = self.checkpoint_dir / "last.pt"
+        saved = load_checkpoint(last, fix="delete it and run with overwrite=true, or give another name=...")
+        recorded = saved.get("inputs")
+        if recorded is None:
+            log.warning(f"{last} does not record the checkpoints it started from (written before they were "
+                        f"recorded): continuing without checking {', '.join(inputs)}")
+            return
+        for key, identity in inputs.items():
+            if key in recorded and recorded[key] != identity:
+                raise UserError(f"run {self.cfg.name} started from another {key} checkpoint than "
+                                f"{key}={self.cfg[key]} now holds (sha256 {recorded[key][:12]}... then, "
+                                f"{identity[:12]}... now; it was extended or replaced): overwrite=true starts this "
+                                f"run again from it, name=... starts a separate run")
 
     # ---- models and batches -------------------------------------------------------------------------
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -127,6 +127,7 @@ def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict
     return {
         **job.checkpoint_extras(),  # first: the engine's entries win
         "script": session.script,
+        "inputs": dict(getattr(session, "inputs", {})),  # the checkpoints the run started from (key -> sha256)
         "epoch": epoch,  # the last completed epoch
         "position": position,  # None at an epoch end; else where inside epoch + 1 the run stopped
         "config": OmegaConf.to_yaml(session.cfg, resolve=True),

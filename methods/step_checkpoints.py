@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from engine.checkpoint import load_checkpoint, resolve_checkpoint
+from engine.checkpoint import file_identity, load_checkpoint, resolve_checkpoint
 from engine.errors import UserError
 from models import create_model
 from models.resfc import FrozenBackboneHead
@@ -41,14 +41,17 @@ def build_backbone(model_cfg) -> torch.nn.Module:
     return create_model(model_cfg.name, **{k: v for k, v in model_cfg.items() if k != "name"})
 
 
-def load_step(value, key: str, steps: tuple[str, ...], checkpoint_dir) -> tuple[dict, Path]:
-    """The checkpoint a `pretrained_*` key names (run name or .pt path), written by one of `steps`."""
+def load_step(value, key: str, steps: tuple[str, ...], checkpoint_dir, session=None) -> tuple[dict, Path]:
+    """The checkpoint a `pretrained_*` key names (run name or .pt path), written by one of `steps`. With `session`
+    (a training step): the run records which checkpoint it starts from and refuses to continue from another."""
     producers = " or ".join(f"{step}.py" for step in steps)
     path = resolve_checkpoint(value, Path(checkpoint_dir), key, producers)
     payload = load_checkpoint(path, fix=f"give {key} a checkpoint written by {producers}")
     if payload.get("script") not in steps:
         raise UserError(f"{key}={value} is a checkpoint of {payload.get('script')}.py; {key} takes one written by "
                         f"{producers}")
+    if session is not None:
+        session.check_inputs({key: file_identity(path)})
     return payload, path
 
 

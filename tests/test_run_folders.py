@@ -177,3 +177,30 @@ def test_fewer_epochs_than_a_run_has_is_refused(tmp_path, workspace):
     assert "run long already has 2 epochs" in line and "epochs=1 asks for fewer" in line and "name=" in line
     assert "overwrite=true" in line
     assert snapshot(workspace, tmp_path / "logs") == before
+
+
+MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_workers=0", "progress=false",
+        "test_db_size=10", "epochs=1"]
+
+
+def test_a_mela_step_does_not_continue_from_a_changed_upstream_checkpoint(tmp_path, workspace):
+    def run(script, *overrides):
+        return run_script(script, *MELA, *overrides, cwd=tmp_path, workspace=workspace)
+
+    assert run("learn_meta_repr.py", "name=up", "n_shots=1", "n_queries=2").returncode == 0
+    labeler = ["name=down", "pretrained_labeler=up", "K=20", "no_replacement=false", "train_db_size=20",
+               "batch_size=25", "sup_rotate_aug=false"]
+    assert run("learn_labeler.py", *labeler).returncode == 0
+    folder = workspace / "checkpoint" / "label_learn" / "saves" / "down"
+    import torch
+
+    from engine.checkpoint import file_identity
+
+    recorded = torch.load(folder / "last.pt", weights_only=True)["inputs"]
+    assert recorded == {"pretrained_labeler": file_identity(folder.parent / "up" / "best.pt")}
+    # replaced (an extension replaces best.pt only when validation improves: a new seed always does)
+    assert run("learn_meta_repr.py", "name=up", "n_shots=1", "n_queries=2", "seed=1", "overwrite=true").returncode == 0
+    before = snapshot(workspace)
+    result = run("learn_labeler.py", *labeler, "epochs=2")
+    assert "started from another pretrained_labeler checkpoint" in one_line_error(result)
+    assert snapshot(workspace) == before
