@@ -27,7 +27,7 @@ from engine.errors import ERROR_FILE, RunInterrupted, UserError
 from engine.help import register_help
 from engine.script import Script
 from engine.session import Session
-from engine.settings import defaults
+from engine.settings import check_directory, defaults
 from engine.workspace import workspace_root
 
 log = logging.getLogger("metalabel")
@@ -106,7 +106,7 @@ def claim_run_dir(config: DictConfig) -> None:
         if script.writes_checkpoints:
             RunLock(Path(str(settings.checkpoint_dir)) / name, float(settings.lock_stale_hours)).check_free()
     existed = run_dir.exists()
-    _check_directory(run_dir, "hydra.run.dir")
+    check_directory(run_dir, f"hydra.run.dir={run_dir}", "give hydra.run.dir a directory you can write to")
     if "${run_stamp:}" in str(written):
         base = run_dir
         for attempt in range(2, 1000):
@@ -119,18 +119,6 @@ def claim_run_dir(config: DictConfig) -> None:
             config.hydra.run.dir = str(run_dir)
         existed = False
     _claimed.update(dir=run_dir.absolute(), created=not existed)
-
-
-def _check_directory(path: Path, key: str) -> None:
-    """`path` is a directory this process can create and write to (not under a file, not under /proc)."""
-    path = Path(path).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
-    if not existing.is_dir():
-        raise UserError(f"{key}: {path} cannot be created: {existing} is a file, not a directory; give {key} "
-                        f"a directory you can write to")
-    if not os.access(existing, os.W_OK | os.X_OK) or str(existing).startswith("/proc"):
-        raise UserError(f"{key}: {path} cannot be created: {existing} is not writable; give {key} a directory "
-                        f"you can write to")
 
 
 def _forget_refused_run_dir() -> None:

@@ -427,6 +427,9 @@ def validate(cfg: DictConfig, script) -> None:
         _check_value(cfg, key, keys[key].rule, key)
     given = not OmegaConf.is_interpolation(cfg, "workspace")
     check_workspace(Path(cfg.workspace) if given else None, writable=script.writes_checkpoints)
+    if script.writes_checkpoints:
+        check_directory(cfg.checkpoint_dir, f"checkpoint_dir={cfg.checkpoint_dir}",
+                        "give checkpoint_dir= a directory you can write to")
     for check in script.checks:
         check(cfg)
 
@@ -441,12 +444,19 @@ def check_workspace(root: Path | None = None, writable: bool = True) -> None:
         fix = "set WORKSPACE to a directory you can write to"
     else:
         named, fix = f"workspace={root}", "give workspace= a directory you can write to"
+    check_directory(root, named, fix, writable)
+
+
+def check_directory(root, named: str, fix: str, writable: bool = True) -> None:
+    """`root` is a directory, or can be created as one (`writable`: one this process can write to): not under a
+    regular file, not under /proc or /sys (which refuse new folders whoever asks)."""
     root = Path(root).expanduser().absolute()
     existing = next(path for path in (root, *root.parents) if path.exists())
     if not existing.is_dir():
         where = "is a file" if existing == root else f"is inside {existing}, which is a file"
         raise UserError(f"{named} {where}, not a directory: {fix}")
-    if writable and not os.access(existing, os.W_OK | os.X_OK):
+    special = next((p for p in ("/proc", "/sys") if existing.is_relative_to(p)), None)
+    if writable and (special or not os.access(existing, os.W_OK | os.X_OK)):
         where = "is not writable" if existing == root else f"cannot be created: {existing} is not writable"
         raise UserError(f"{named} {where}: {fix}")
 

@@ -204,3 +204,49 @@ def test_a_mela_step_does_not_continue_from_a_changed_upstream_checkpoint(tmp_pa
     result = run("learn_labeler.py", *labeler, "epochs=2")
     assert "started from another pretrained_labeler checkpoint" in one_line_error(result)
     assert snapshot(workspace) == before
+
+
+@pytest.mark.parametrize("key, value", [("checkpoint_dir", "{file}/sub"), ("checkpoint_dir", "/proc/metalabel"),
+                                        ("workspace", "{file}"), ("workspace", "/proc/metalabel")])
+def test_a_directory_under_a_file_or_proc_is_one_line(key, value, tmp_path, workspace):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=f"{key}=.*(is a file|is inside .*file|not writable)"):
+        compose(SCRIPTS["maxl_train"], [*RUN, f"{key}={value.format(file=tmp_path / 'file')}"])
+
+
+def test_hydra_run_dir_under_a_file_is_one_line(tmp_path, workspace):
+    (tmp_path / "file").write_text("x")
+    result = run_script("maxl_train.py", *RUN, f"hydra.run.dir={tmp_path / 'file' / 'run'}", cwd=tmp_path,
+                        workspace=workspace)
+    assert "hydra.run.dir=" in one_line_error(result)
+
+
+def test_damaged_checkpoints_of_a_finished_run_are_one_line_with_a_fix(tmp_path, workspace):
+    import shutil
+
+    import torch
+
+    assert run_script("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace).returncode == 0
+    folder = workspace / "checkpoint" / "maxl" / "done"
+    shutil.copy(folder / "last.pt", tmp_path / "last.pt")
+    good = torch.load(folder / "last.pt", weights_only=True)
+
+    def damaged(change, expected, file="last.pt"):
+        payload = {**good, "state": dict(good["state"])}
+        change(payload)
+        torch.save(payload, folder / file) if file == "last.pt" else (folder / file).write_bytes(b"garbage")
+        before = snapshot(workspace)
+        line = one_line_error(run_script("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace))
+        assert expected in line and "overwrite=true" in line, line
+        assert snapshot(workspace) == before
+        shutil.copy(tmp_path / "last.pt", folder / "last.pt")
+
+    def misfit(payload):
+        key = next(k for k, v in payload["state"]["model"].items() if v.dim() == 4)
+        payload["state"]["model"] = {**payload["state"]["model"], key: torch.zeros(1, 1, 1, 1)}
+
+    damaged(misfit, "its 'model' state does not fit")
+    damaged(lambda p: p["state"].pop("optimizer"), "has no 'optimizer' state")
+    damaged(lambda p: p.pop("script"), "a script it does not name")
+    shutil.copy(folder / "best.pt", tmp_path / "best.pt")
+    damaged(lambda p: None, "best.pt", file="best.pt")
