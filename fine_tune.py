@@ -11,7 +11,7 @@ from methods.step_checkpoints import (PRETRAINED_STEPS, check_architecture, fine
 
 @hydra_main(FINE_TUNE)
 def main(cfg, session):
-    payload, path = load_step(cfg.pretrained_model, "pretrained_model", PRETRAINED_STEPS, cfg.checkpoint_dir)
+    payload, path = load_step(cfg.pretrained_model, "pretrained_model", PRETRAINED_STEPS, cfg.checkpoint_dir, session)
     check_architecture(payload, cfg.model, "pretrained_model", path)
     network = session.prepare(fine_tune_network(pretrained_backbone(payload, cfg.model)))
     opt = torch.optim.AdamW(network.head.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)

@@ -10,7 +10,8 @@ from methods.step_checkpoints import META_STEPS, load_step, pretrained_backbone,
 
 @hydra_main(LEARN_LABELER)
 def main(cfg, session):
-    payload, path = load_step(cfg.pretrained_labeler, "pretrained_labeler", META_STEPS, cfg.checkpoint_dir)
+    payload, path = load_step(cfg.pretrained_labeler, "pretrained_labeler", META_STEPS, cfg.checkpoint_dir,
+                              session)
     labeling_backbone = pretrained_backbone(payload, saved_model_cfg(payload))
     inferred = infer_global_labels(cfg, session, labeling_backbone, origin=str(path))
     evaluator = val_evaluator(cfg, session, cfg.val_n_ways, C=1 / cfg.lam)

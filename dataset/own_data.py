@@ -166,8 +166,19 @@ def _decode(path: Path, size: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return _fit(image, size)
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{path} is refused as a decompression bomb ({exc}): remove it, or shrink it below "
+                        f"{Image.MAX_IMAGE_PIXELS:,} pixels") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise UserError(f"{path} is not a readable image ({exc}): remove it or replace it") from None
+
+
+def confined(path: Path, root: Path, where: str) -> Path:
+    """`path`, which must lie inside `root` once links are resolved (own data never reads outside its folder)."""
+    if not Path(path).resolve().is_relative_to(Path(root).resolve()):
+        raise UserError(f"{where}: {path} leads outside {root} (to {Path(path).resolve()}): own data is read only "
+                        f"from inside its folder; move or copy the files there")
+    return Path(path)
 
 
 def take(images, indices):
@@ -197,12 +208,14 @@ def fit_images(images, size, where: str) -> np.ndarray:
 
 def list_class_folders(split_dir: Path) -> tuple[ImageFiles, np.ndarray, list[str]]:
     """`split_dir/<class>/<image>`: the files, their class ids (folders in name order) and the class names."""
-    class_dirs = sorted(entry for entry in split_dir.iterdir() if entry.is_dir())
+    class_dirs = sorted(confined(entry, split_dir, f"class folder {entry.name}")
+                        for entry in split_dir.iterdir() if entry.is_dir())
     if not class_dirs:
         raise UserError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image files>")
     files, labels = [], []
     for label, class_dir in enumerate(class_dirs):
-        found = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        found = sorted(confined(f, split_dir, f"image {f.name}") for f in class_dir.iterdir()
+                       if f.suffix.lower() in IMAGE_SUFFIXES)
         if not found:
             raise UserError(f"{class_dir} holds no images ({', '.join(IMAGE_SUFFIXES)} files): add some or remove it")
         files += found
@@ -235,7 +248,7 @@ def read_levels_csv(path: Path) -> tuple[ImageFiles, list[str], np.ndarray]:
         cells = [cell.strip() for cell in row]
         if not all(cells):
             raise UserError(f"{path} line {line} has an empty field: every image needs a file and a label per level")
-        files.append(path.parent / cells[file_at])
+        files.append(confined(path.parent / cells[file_at], path.parent, f"{path} line {line}"))
         values.append([cell for i, cell in enumerate(cells) if i != file_at])
     missing = [f for f in files if not f.is_file()]
     if missing:

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from engine.config import (  # importing engine.config registers the run-name resolvers
     CONFIG_DIR,
@@ -28,7 +28,7 @@ from engine.errors import ERROR_FILE, RunInterrupted, UserError
 from engine.help import group_options, register_help
 from engine.script import Script
 from engine.session import Session
-from engine.settings import declared, defaults
+from engine.settings import check_directory, declared, defaults
 from engine.workspace import workspace_root
 
 log = logging.getLogger("metalabel")
@@ -65,8 +65,90 @@ def _record_failure(run_dir: Path, message: str) -> None:
     (run_dir / ERROR_FILE).write_text(f"overrides: {overrides}\n{message}\n")
 
 
+RECORDS = ("config.yaml", "metrics.csv", "summary.json", "results.json")  # what Session and a job write there
+_claimed: dict = {}  # the run directory this process claimed (`claim_run_dir`), and whether it created it
+
+
+def _recorded_name(run_dir: Path) -> str | None:
+    """The run name in `run_dir`'s config.yaml ('' when it has none or cannot be read), None without one."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None
+    try:
+        return str(OmegaConf.load(path).get("name") or "")
+    except Exception:  # unreadable or not a mapping: not this run's
+        return ""
+
+
+def claim_run_dir(config: DictConfig) -> None:
+    """Before Hydra creates the run directory, opens its log or writes `.hydra/`: check every setting, then make sure
+    the directory is this run's alone. A directory holding another run's records (`hydra.run.dir=` an earlier run's
+    folder) is refused; a stamped directory (the default) that another process of this run created in the same
+    second is replaced by `<stamp>_2`, `<stamp>_3` ...; a fixed one of a run held by a live process is refused before
+    anything is written into it (the same run continuing into its own directory is fine)."""
+    from engine.config import _hydra_view
+    from engine.runs import RunLock
+
+    HydraConfig.instance().set_config(config)
+    if int(os.environ.get("RANK", 0)) > 0:
+        return  # rank 0 claims the directory of a torchrun job
+    settings, script, choices = _hydra_view(config)
+    written = OmegaConf.to_container(config.hydra.run, resolve=False)["dir"]
+    run_dir = Path(str(config.hydra.run.dir))  # the default checks every setting first (`checked_name`)
+    if "${checked_name:}" not in str(written):
+        validate_and_name(settings, script, choices)
+    name = str(settings.name)
+    if "${run_stamp:}" not in str(written):
+        recorded = _recorded_name(run_dir)
+        if recorded is not None and recorded != name:
+            other = f"run {recorded}" if recorded else "a run whose config.yaml cannot be read"
+            raise UserError(f"hydra.run.dir={written} holds the records of {other} ({run_dir / 'config.yaml'}): "
+                            f"give hydra.run.dir a folder of its own, or leave it to its default")
+        if script.writes_checkpoints:
+            RunLock(Path(str(settings.checkpoint_dir)) / name, float(settings.lock_stale_hours)).check_free()
+    existed = run_dir.exists()
+    check_directory(run_dir, f"hydra.run.dir={run_dir}", "give hydra.run.dir a directory you can write to")
+    if "${run_stamp:}" in str(written):
+        base = run_dir
+        for attempt in range(2, 1000):
+            try:
+                run_dir.mkdir(parents=True)
+                break
+            except FileExistsError:  # another process of this run started in the same second
+                run_dir = base.with_name(f"{base.name}_{attempt}")
+        with read_write(config.hydra.run), open_dict(config.hydra.run):
+            config.hydra.run.dir = str(run_dir)
+        existed = False
+    _claimed.update(dir=run_dir.absolute(), created=not existed)
+
+
+def _forget_refused_run_dir() -> None:
+    """A run refused before it recorded anything (a data check, a resume mismatch, a held lock) leaves no folder:
+    the run directory this process created is removed, with its log."""
+    run_dir = _claimed.get("dir")
+    if not _claimed.get("created") or run_dir is None or any((run_dir / name).exists() for name in RECORDS[1:]):
+        return
+    for handler in list(logging.getLogger().handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).is_relative_to(run_dir):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        run_dir.parent.rmdir()  # logs/<script>/<name>/ when it held only this
+    except OSError:
+        pass
+
+
 class SweepFailures(Callback):
-    """At the start of a sweep: the launcher can run here. At its end: one line per failed job, exit status 1."""
+    """At the start of a run: its directory is its own (`claim_run_dir`). At the start of a sweep: the launcher can
+    run here. At its end: one line per failed job, exit status 1."""
+
+    def on_run_start(self, config, **kwargs) -> None:
+        try:
+            claim_run_dir(config)
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(1)
 
     def on_multirun_start(self, config, **kwargs) -> None:
         try:
@@ -177,6 +259,8 @@ def hydra_main(script: Script):
             except UserError as err:
                 log.error(f"error: {err}")  # console (stderr) and the run's log
                 if not sweeping:
+                    if session is None or not session.training:
+                        _forget_refused_run_dir()
                     sys.exit(1)
                 _record_failure(run_dir, f"error: {err}")
             except RunInterrupted as stop:

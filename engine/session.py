@@ -17,6 +17,7 @@ from engine.errors import UserError
 from engine.rng import seed_everything
 from engine.runs import RunLock, clear_run, decide_resume, remove_interrupted_writes
 from engine.script import Script
+from engine.settings import is_folder_name
 from engine.workspace import DEFAULT_WORKSPACE
 
 log = logging.getLogger("metalabel")
@@ -75,6 +76,8 @@ class Session:
         self._join_ranks()
         self._set_up_compute()
         self._open_checkpoint_folder()
+        self.inputs = {}  # the checkpoints the run starts from (check_inputs)
+        self.training = False  # set by fit once the run is opened (restored or seeded): from then on it records
         self._epoch_listeners = []  # samplers and task datasets that draw per epoch
         seed_everything(int(cfg.seed))  # the same on every rank: models start identical
         if self.is_main:
@@ -107,6 +110,9 @@ class Session:
 
     def _open_checkpoint_folder(self) -> None:
         """The run's checkpoint folder; for a script that trains a run, continue or start it there, locked."""
+        if not is_folder_name(self.cfg.name):  # validated before; a config made by hand is checked here too
+            raise UserError(f"name={self.cfg.name}: a run name is one folder name (not '.' or '..', no '/'): "
+                            f"give name=... a plain name")
         self.checkpoint_dir = Path(self.cfg.checkpoint_dir) / self.cfg.name
         self.lock = None
         self.resuming = False  # continuing the run from its last checkpoint (engine/trainer.py restores it)
@@ -135,8 +141,31 @@ class Session:
             self.lock.acquire()
             remove_interrupted_writes(self.checkpoint_dir)
             if self.cfg.overwrite:
-                clear_run(self.checkpoint_dir)
+                clear_run(self.checkpoint_dir, Path(self.cfg.checkpoint_dir))
         self.barrier()
+
+    def check_inputs(self, inputs: dict[str, str]) -> None:
+        """The checkpoints this run starts from (key -> `file_identity`), recorded in each of its checkpoints. A run
+        continued from another input than it started from is refused (its state would mix the two): call before
+        using the inputs."""
+        self.inputs = dict(inputs)
+        if not self.resuming:
+            return
+        from engine.checkpoint import load_checkpoint
+
+        last = self.checkpoint_dir / "last.pt"
+        saved = load_checkpoint(last, fix="delete it and run with overwrite=true, or give another name=...")
+        recorded = saved.get("inputs")
+        if recorded is None:
+            log.warning(f"{last} does not record the checkpoints it started from (written before they were "
+                        f"recorded): continuing without checking {', '.join(inputs)}")
+            return
+        for key, identity in inputs.items():
+            if key in recorded and recorded[key] != identity:
+                raise UserError(f"run {self.cfg.name} started from another {key} checkpoint than "
+                                f"{key}={self.cfg[key]} now holds (sha256 {recorded[key][:12]}... then, "
+                                f"{identity[:12]}... now; it was extended or replaced): overwrite=true starts this "
+                                f"run again from it, name=... starts a separate run")
 
     # ---- models and batches -------------------------------------------------------------------------
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:

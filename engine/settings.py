@@ -145,19 +145,29 @@ class Null(Rule):
         return value is None
 
 
+def is_folder_name(value) -> bool:
+    """One folder name: not empty, not `.` or `..`, without a path separator, whitespace or NUL (so that
+    `<checkpoint_dir>/<value>` is a folder directly inside checkpoint_dir, never checkpoint_dir itself or a place
+    outside it)."""
+    separators = {"/", "\\", "\0", os.sep, *([os.altsep] if os.altsep else [])}
+    return (isinstance(value, str) and value not in ("", ".", "..")
+            and not any(c in separators or c.isspace() for c in value))
+
+
 @dataclass(frozen=True)
 class Text(Rule):
-    """A non-empty string; `plain`: without '/' or whitespace (it names a directory)."""
+    """A non-empty string; `plain`: one folder name (no '/', whitespace, '.' or '..': it names a directory)."""
     what: str
     plain: bool = False
 
     def describe(self) -> str:
-        return self.what + (" (a non-empty string without '/' or whitespace)" if self.plain else "")
+        return self.what + (" (one folder name: not '.' or '..', without '/', '\\' or whitespace)"
+                            if self.plain else "")
 
     def accepts(self, value) -> bool:
         if not isinstance(value, str) or not value:
             return False
-        return not (self.plain and ("/" in value or any(c.isspace() for c in value)))
+        return is_folder_name(value) if self.plain else True
 
 
 @dataclass(frozen=True)
@@ -417,6 +427,9 @@ def validate(cfg: DictConfig, script) -> None:
         _check_value(cfg, key, keys[key].rule, key)
     given = not OmegaConf.is_interpolation(cfg, "workspace")
     check_workspace(Path(cfg.workspace) if given else None, writable=script.writes_checkpoints)
+    if script.writes_checkpoints:
+        check_directory(cfg.checkpoint_dir, f"checkpoint_dir={cfg.checkpoint_dir}",
+                        "give checkpoint_dir= a directory you can write to")
     for check in script.checks:
         check(cfg)
 
@@ -431,12 +444,19 @@ def check_workspace(root: Path | None = None, writable: bool = True) -> None:
         fix = "set WORKSPACE to a directory you can write to"
     else:
         named, fix = f"workspace={root}", "give workspace= a directory you can write to"
+    check_directory(root, named, fix, writable)
+
+
+def check_directory(root, named: str, fix: str, writable: bool = True) -> None:
+    """`root` is a directory, or can be created as one (`writable`: one this process can write to): not under a
+    regular file, not under /proc or /sys (which refuse new folders whoever asks)."""
     root = Path(root).expanduser().absolute()
     existing = next(path for path in (root, *root.parents) if path.exists())
     if not existing.is_dir():
         where = "is a file" if existing == root else f"is inside {existing}, which is a file"
         raise UserError(f"{named} {where}, not a directory: {fix}")
-    if writable and not os.access(existing, os.W_OK | os.X_OK):
+    special = next((p for p in ("/proc", "/sys") if existing.is_relative_to(p)), None)
+    if writable and (special or not os.access(existing, os.W_OK | os.X_OK)):
         where = "is not writable" if existing == root else f"cannot be created: {existing} is not writable"
         raise UserError(f"{named} {where}: {fix}")
 

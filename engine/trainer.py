@@ -127,6 +127,7 @@ def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict
     return {
         **job.checkpoint_extras(),  # first: the engine's entries win
         "script": session.script,
+        "inputs": dict(getattr(session, "inputs", {})),  # the checkpoints the run started from (key -> sha256)
         "epoch": epoch,  # the last completed epoch
         "position": position,  # None at an epoch end; else where inside epoch + 1 the run stopped
         "config": OmegaConf.to_yaml(session.cfg, resolve=True),
@@ -151,17 +152,39 @@ def _check_same_run(saved_yaml: str, session, path) -> None:
                         f"name=... to start another run")
 
 
+def _check_not_longer(payload: dict, session, epochs: int, path) -> None:
+    """A run is never continued by a command asking for fewer epochs than it has: its results would be the longer
+    run's under a config saying otherwise."""
+    position = payload.get("position")
+    has = payload["epoch"] + 1 + (1 if position is not None else 0)  # epochs done, or begun
+    if has > epochs:
+        done = f"{payload['epoch'] + 1} epochs" + (f" and part of epoch {has}" if position is not None else "")
+        raise UserError(f"run {session.cfg.name} already has {done} ({path}) but epochs={epochs} asks for fewer: "
+                        f"give epochs={has} (or more) to continue it, name=... to train a separate {epochs}-epoch run, "
+                        f"overwrite=true to start it again with epochs={epochs}, or evaluate an earlier epoch's "
+                        f"checkpoint if one is kept")
+
+
 def _restore(session, job, epochs: int):
     path = session.checkpoint_dir / "last.pt"
-    payload = load_checkpoint(path, fix="delete it and run with overwrite=true, or give another name=...")
+    fix = "overwrite=true starts the run again (removing its files), name=... starts a separate run"
+    payload = load_checkpoint(path, fix=fix)
     if payload.get("script") != session.script:
-        raise UserError(f"{path} was written by {payload.get('script')}.py, not {session.script}.py: "
-                        f"check name=...")
+        writer = f"{payload['script']}.py" if payload.get("script") else "a script it does not name"
+        raise UserError(f"{path} was written by {writer}, not {session.script}.py: check name=..., or {fix}")
     _check_same_run(payload["config"], session, path)
+    _check_not_longer(payload, session, epochs, path)
+    for name in payload.get("best", {}):  # the run's best checkpoints must still be readable (nothing unnoticed)
+        load_checkpoint(session.checkpoint_dir / f"{name}.pt", fix=f"the run's {name}.pt is damaged: {fix}")
     for name, obj in job.state_objects().items():
         if name not in payload["state"]:
-            raise UserError(f"{path} has no '{name}' state: it was written by another version or method")
-        obj.load_state_dict(payload["state"][name])
+            raise UserError(f"{path} has no '{name}' state (written by another version or method): {fix}")
+        try:
+            obj.load_state_dict(payload["state"][name])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"{path}: its '{name}' state does not fit this run's {name} ({reason[:200]}): {fix}") \
+                from None
     position = payload.get("position")
     states = payload["rng"]
     if len(states) == session.world_size:
@@ -212,6 +235,7 @@ def rounded(value, digits: int = 6):
 def fit(session, job: TrainingJob, epochs: int) -> dict:
     """Train `job` for `epochs` epochs (from its last checkpoint when the session continues a run); its summary."""
     run = Run(session, job, epochs)  # restores the last checkpoint, or seeds a new run
+    session.training = True
     with StopSignals() as signals:
         for epoch in range(run.start, epochs):
             run.begin_epoch(epoch)
@@ -274,7 +298,13 @@ class Run:
                                initial=skip)
         for step, batch in enumerate(bar, start=skip):
             tracker.step = step
-            phase.step(batch, tracker)
+            try:
+                phase.step(batch, tracker)
+            except RuntimeError as exc:  # a learning rate or update too large for the weights' float type
+                if "overflow" not in str(exc):
+                    raise
+                self._diverged(f"an update overflowed at epoch {self.epoch + 1}/{self.epochs} step {step} "
+                               f"({str(exc).strip().splitlines()[0]})", phase.name)
             stop, due = self._stop_or_due(signals)
             if (stop or due) and step + 1 < steps:
                 self._save_place(index, phase, step + 1, tracker)
@@ -374,6 +404,10 @@ class Run:
             what = f"the loss was not finite in {flags[1]} of {steps} steps of {epoch}"
         else:
             return
+        self._diverged(what, phase)
+
+    def _diverged(self, what: str, phase: str) -> None:
+        session = self.session
         lr_key = session.spec.lr_key
         lower = f"lower {lr_key} (now {session.cfg[lr_key]})" if lr_key else "lower the learning rate"
         kept = (f"the last good checkpoint {self.last_path} is kept" if self.last_path.is_file()

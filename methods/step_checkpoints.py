@@ -10,9 +10,9 @@ Checkpoints written before these entries existed are read by the name of the ste
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
-from engine.checkpoint import load_checkpoint, resolve_checkpoint
+from engine.checkpoint import file_identity, load_checkpoint, resolve_checkpoint
 from engine.errors import UserError
 from models import create_model
 from models.resfc import FrozenBackboneHead
@@ -41,14 +41,23 @@ def build_backbone(model_cfg) -> torch.nn.Module:
     return create_model(model_cfg.name, **{k: v for k, v in model_cfg.items() if k != "name"})
 
 
-def load_step(value, key: str, steps: tuple[str, ...], checkpoint_dir) -> tuple[dict, Path]:
-    """The checkpoint a `pretrained_*` key names (run name or .pt path), written by one of `steps`."""
+def load_step(value, key: str, steps: tuple[str, ...], checkpoint_dir, session=None) -> tuple[dict, Path]:
+    """The checkpoint a `pretrained_*` key names (run name or .pt path), written by one of `steps`. With `session`
+    (a training step): the run records which checkpoint it starts from and refuses to continue from another."""
     producers = " or ".join(f"{step}.py" for step in steps)
     path = resolve_checkpoint(value, Path(checkpoint_dir), key, producers)
     payload = load_checkpoint(path, fix=f"give {key} a checkpoint written by {producers}")
     if payload.get("script") not in steps:
-        raise UserError(f"{key}={value} is a checkpoint of {payload.get('script')}.py; {key} takes one written by "
-                        f"{producers}")
+        writer = f"a checkpoint of {payload['script']}.py" if payload.get("script") else \
+            "a checkpoint that does not name the script that wrote it"
+        raise UserError(f"{key}={value} is {writer}; {key} takes one written by {producers}")
+    saved = OmegaConf.create(payload["config"]) if isinstance(payload["config"], str) else None
+    if not isinstance(saved, DictConfig) or not isinstance(saved.get("model"), DictConfig) \
+            or "name" not in saved.model:
+        raise UserError(f"{key}={value}: {path} has no model in its config (not written by {producers}): give "
+                        f"{key} a checkpoint written by {producers}")
+    if session is not None:
+        session.check_inputs({key: file_identity(path)})
     return payload, path
 
 
@@ -76,9 +85,23 @@ def backbone_state(payload: dict) -> dict:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _load_weights(module: torch.nn.Module, state: dict, payload: dict) -> None:
+    """Weights that do not fit the configured model are one line naming the checkpoint's model."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        saved = OmegaConf.to_container(saved_model_cfg(payload))
+        reason = str(exc).strip().splitlines()
+        reason = reason[1].strip() if len(reason) > 1 else (reason[0] if reason else type(exc).__name__)
+        overrides = " ".join(f"model.{k}={v}" for k, v in saved.items() if k != "name")
+        raise UserError(f"the weights of the {payload.get('script')} checkpoint do not fit the configured model "
+                        f"({reason[:200]}): it holds model={saved.get('name')} {overrides}; run with those "
+                        f"settings or give another checkpoint") from None
+
+
 def pretrained_backbone(payload: dict, model_cfg) -> torch.nn.Module:
     backbone = build_backbone(model_cfg)
-    backbone.load_state_dict(backbone_state(payload))
+    _load_weights(backbone, backbone_state(payload), payload)
     return backbone
 
 
@@ -93,5 +116,5 @@ def feature_model(payload: dict, model_cfg) -> torch.nn.Module:
     if not saved_layout(payload)["resfc_head"]:
         return backbone
     network = fine_tune_network(backbone)
-    network.load_state_dict(payload["state"]["model"])
+    _load_weights(network, payload["state"]["model"], payload)
     return network

@@ -30,3 +30,10 @@ def test_meta_learning_with_a_singular_solve_stops_cleanly(tmp_path, workspace):
     line = one_line_error(result)
     assert "the run diverged; lower learning_rate (now 1000000.0)" in line and "epoch 1/1" in line
     assert not list((workspace / "checkpoint" / "label_learn" / "saves" / "diverging").glob("*.pt"))
+
+
+def test_a_learning_rate_beyond_the_weights_float_range_is_one_line(tmp_path, workspace):
+    result = run_in_process("maxl_train.py", *MAXL, "epochs=1", "lr=1e300", cwd=tmp_path, workspace=workspace)
+    line = one_line_error(result)
+    assert "an update overflowed at epoch 1/1 step 0" in line and "lower lr (now 1e+300)" in line
+    assert not (workspace / "checkpoint" / "maxl" / "diverging" / "last.pt").exists()

@@ -342,3 +342,51 @@ def test_html_pickle_and_bad_custom_settings(tmp_path):
         check_fewshot_config(custom_config(tmp_path, val_classes=0))
     with pytest.raises(UserError, match=r"dataset.val_classes=2: carving a val split from the 2 classes"):
         load_split(custom_config(tmp_path, val_classes=2), "val")
+
+
+# ---- own data never reads outside its folder; a decompression bomb is one line -------------------------------
+
+def test_a_csv_listing_files_outside_its_folder_is_refused_before_any_is_opened(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dataset import own_data
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "outside.png")
+    opened = []
+    monkeypatch.setattr(own_data.Image, "open", lambda *a, **k: opened.append(a) or Image.open(*a, **k))
+    for listed in ("../outside.png", str(tmp_path / "outside.png"), "../../etc/passwd"):
+        (folder / "train.csv").write_text(f"file,level\n{listed},0\n")
+        with pytest.raises(UserError, match=f"train.csv line 2: .* leads outside {folder}"):
+            own_data.read_levels_csv(folder / "train.csv")
+    assert opened == []
+
+
+def test_a_class_folder_or_image_that_links_outside_is_refused(tmp_path):
+    from PIL import Image
+
+    from dataset.own_data import list_class_folders
+
+    split = tmp_path / "train"
+    (split / "cat").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(split / "cat" / "a.png")
+    (split / "etc").symlink_to("/etc")
+    with pytest.raises(UserError, match="class folder etc: .* leads outside"):
+        list_class_folders(split)
+    (split / "etc").unlink()
+    Image.new("RGB", (4, 4)).save(tmp_path / "secret.png")
+    (split / "cat" / "b.png").symlink_to(tmp_path / "secret.png")
+    with pytest.raises(UserError, match="image b.png: .* leads outside"):
+        list_class_folders(split)
+
+
+def test_a_decompression_bomb_is_one_line(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from dataset.own_data import ImageFiles
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 64 * 64 // 4)  # 64x64 is over twice the limit
+    with pytest.raises(UserError, match="bomb.png is refused as a decompression bomb"):
+        ImageFiles([tmp_path / "bomb.png"]).decode(8, "train")

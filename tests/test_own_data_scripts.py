@@ -68,3 +68,24 @@ def test_meta_learning_on_custom_folders_and_arrays_with_a_carved_val_split(tmp_
     [row] = read_metrics(metrics)
     assert 0 <= row["val/1shot"] <= 1
     assert (workspace / "checkpoint" / "label_learn" / "saves" / "own" / "best.pt").is_file()
+
+
+def test_a_run_refused_on_its_data_leaves_no_log_folder(tmp_path, workspace):
+    """A data check that only fails once the run has started (an image that cannot be decoded) is one line, and
+    the run's log folder is removed: `tools.report` lists no unfinished run."""
+    from PIL import Image
+
+    data = tmp_path / "data"
+    (data / "img").mkdir(parents=True)
+    lines = ["file,group,kind"]
+    for i, (group, kind) in enumerate([("a", "x"), ("a", "y"), ("b", "z"), ("b", "w")] * 2):
+        Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(data / "img" / f"{i}.png")
+        lines.append(f"img/{i}.png,{group},{kind}")
+    (data / "train.csv").write_text("\n".join(lines) + "\n")
+    (data / "img" / "bad.png").write_text("not an image")
+    (data / "test.csv").write_text("file,group,kind\nimg/bad.png,a,x\nimg/0.png,a,x\n")
+    result = run_in_process("maxl_train.py", "dataset=hier_file", f"dataset.path={data}", "dataset.image_size=8",
+                        "method=single", "device=cpu", "progress=false", "num_workers=0", "model.width_mult=0.0625",
+                        "batch_size=4", "epochs=1", cwd=tmp_path, workspace=workspace)
+    assert "bad.png is not a readable image" in one_line_error(result)
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").rglob("*.log"))

@@ -5,8 +5,6 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -134,7 +132,7 @@ def test_finished_steps_are_skipped_unfinished_ones_run_and_their_dependants_res
     for step in chain.training:
         fake_checkpoint(step)  # epochs=1: epoch 0 is the last
     assert actions(chain) == ["skip"] * 4
-    fake_checkpoint(meta_repr, epoch=0, position={"epoch": 1, "phase": 0, "step": 3})  # stopped inside an epoch
+    fake_checkpoint(meta_repr, epoch=-1, position={"epoch": 0, "phase": 0, "step": 3})  # stopped inside an epoch
     assert actions(chain) == ["run", "restart", "restart", "skip"]
     for step, written in zip(chain.training, (100, 200, 150, 100)):  # fine_tune is older than its labeler
         os.utime(fake_checkpoint(step), (written, written))
@@ -145,6 +143,18 @@ def test_finished_steps_are_skipped_unfinished_ones_run_and_their_dependants_res
         pipeline.plan(chain)
     args.overrides.append("overwrite=true")
     assert [s.action for s in planned(args)[0].training] == ["run"] * 4
+
+
+def test_a_finished_step_with_more_epochs_than_asked_is_not_the_asked_run(workspace):
+    args = study_args()
+    args.model, args.seed = ["resnet12"], ["0"]
+    [chain] = planned(args)
+    for step in chain.training:
+        fake_checkpoint(step)
+    fake_checkpoint(chain.training[0], epoch=2)  # 3 epochs; the study asks for 1
+    with pytest.raises(pipeline.UserError, match="learn_meta_repr: run s_synthetic_fs_resnet12_learn_meta_repr_s0 "
+                                                 "already has 3 epochs \\(asked: epochs=1\\)"):
+        pipeline.plan(chain)
 
 
 def test_meta_eval_is_skipped_when_its_results_are_newer_and_of_the_same_settings(workspace, tmp_path):

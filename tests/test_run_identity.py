@@ -104,7 +104,7 @@ def test_resume_auto_true_false_and_overwrite(tmp_path):
     assert decide_resume(cfg_for(tmp_path, resume="false", overwrite=True), folder) is False
     for extra in ("best.pt", "best_1shot.pt", "centroids.pt", LOCK_FILE):
         (folder / extra).write_bytes(b"x")
-    clear_run(folder)
+    clear_run(folder, tmp_path)
     assert sorted(p.name for p in folder.iterdir()) == [LOCK_FILE]
 
 
@@ -152,3 +152,10 @@ def test_threads_auto_shares_the_usable_cores_between_the_processes_of_a_node(mo
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert resolve_threads("auto", 1) == 16 and resolve_threads("auto", 4) == 4 and resolve_threads("auto", 32) == 1
     assert resolve_threads(3, 4) == 3
+
+
+def test_data_dir_spelled_out_or_elsewhere_keeps_the_name(workspace, tmp_path):
+    base = name("maxl_train")
+    assert name("maxl_train", f"data_dir={workspace}/metaL_data") == base  # the default, spelled out
+    assert name("maxl_train", f"data_dir={tmp_path}/elsewhere") == base
+    assert name("learn_meta_repr", f"data_dir={tmp_path}/elsewhere") == name("learn_meta_repr")

@@ -46,3 +46,26 @@ def test_the_saved_layout_wins_over_the_scripts_name():
     backbone = networks()["learn_meta_repr"]
     payload = {"script": "learn_labeler", "state": {"model": backbone.state_dict()}, **model_layout("")}
     assert same_state(backbone_state(payload), backbone.state_dict())
+
+
+def test_weights_that_do_not_fit_or_a_config_without_model_are_one_line(tmp_path):
+    import pytest
+    import torch
+    from omegaconf import OmegaConf
+
+    from engine.checkpoint import save_checkpoint
+    from engine.errors import UserError
+    from methods.step_checkpoints import META_STEPS, load_step, pretrained_backbone
+
+    model = {"name": "resnet12", "width_mult": 0.125}
+    payload = {"script": "learn_meta_repr", "epoch": 0, "config": OmegaConf.to_yaml({"model": model}),
+               "state": {"model": {"layer1.0.conv1.weight": torch.zeros(1)}}}
+    with pytest.raises(UserError, match="the weights of the learn_meta_repr checkpoint do not fit the configured "
+                                        "model .*model=resnet12 model.width_mult=0.125"):
+        pretrained_backbone(payload, OmegaConf.create(model))
+    save_checkpoint(tmp_path / "nomodel.pt", {**payload, "config": OmegaConf.to_yaml({"seed": 0})})
+    with pytest.raises(UserError, match="nomodel.pt has no model in its config"):
+        load_step(str(tmp_path / "nomodel.pt"), "pretrained_labeler", META_STEPS, tmp_path)
+    save_checkpoint(tmp_path / "noscript.pt", {k: v for k, v in payload.items() if k != "script"})
+    with pytest.raises(UserError, match="a checkpoint that does not name the script that wrote it"):
+        load_step(str(tmp_path / "noscript.pt"), "pretrained_labeler", META_STEPS, tmp_path)

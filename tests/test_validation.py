@@ -22,7 +22,8 @@ SCRIPTS = tuple(ALL)
 VIEW = {name: "maxl" if name == "maxl_train" else "mela" for name in SCRIPTS}
 PSI = ("psi must be null (derived from the hierarchy), an integer >= 1 or a list of integers >= 1, e.g. [5,5,...] "
        "(one count per primary class)")
-RUN_NAME = "a run name (a non-empty string without '/' or whitespace)"
+FOLDER_NAME = "(one folder name: not '.' or '..', without '/', '\\' or whitespace)"
+RUN_NAME = f"a run name {FOLDER_NAME}"
 HIERARCHICAL = "cifar10, cifar100, digits, hier_file or synthetic_hier"
 FEW_SHOT = ("cifar_fs, custom, digits, fc100, h_aircraft, mini60, miniImageNet, mixed, synthetic_fs, synthetic_hard_fs, "
             "tiered780 or tieredImageNet")
@@ -119,7 +120,7 @@ def test_hier_file_levels_are_read_from_its_labels(tmp_path):
     ("maxl_train", ["name=''"], f"name='': name must be {RUN_NAME}"),
     ("maxl_train", ["name=null"], f"name=null: name must be {RUN_NAME}"),
     ("learn_meta_repr", ["trial=a/b"],
-     "trial=a/b: trial must be an integer or a name (a non-empty string without '/' or whitespace)"),
+     f"trial=a/b: trial must be an integer or a name {FOLDER_NAME}"),
     ("maxl_train", ["run_prefix=x/y"], f"run_prefix=x/y: run_prefix must be {RUN_NAME}"),
     # the MeLa scripts
     ("learn_meta_repr", ["dataset=cifar100"],

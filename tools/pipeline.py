@@ -21,6 +21,7 @@ Every override goes to each script whose config has its key (e.g. `epochs=...` t
 an override no script knows is an error. `make pipeline` and `make mela_study` call this.
 """
 import argparse
+import json
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import file_identity, load_checkpoint
 from engine.config import leaves
 from engine.entry import compose
 from engine.errors import UserError
@@ -150,6 +151,17 @@ def last_checkpoint(step: Step) -> Path:
     return Path(step.cfg.checkpoint_dir) / step.cfg.name / "last.pt"
 
 
+def scored_checkpoint_unchanged(results: Path) -> bool:
+    """meta_eval's results.json scored the checkpoint that is there now (its sha256; results written before it was
+    recorded count as current)."""
+    try:
+        about = json.loads(results.read_text())
+    except (OSError, ValueError):
+        return False
+    recorded, path = about.get("checkpoint_sha256"), Path(str(about.get("checkpoint", "")))
+    return recorded is None or (path.is_file() and file_identity(path) == recorded)
+
+
 def plan(chain: Chain) -> None:
     """Set each step's action. Training: skip a finished run, restart one older than its input, else run (a new
     run, or the continuation of an interrupted one); a run with other settings than asked is an error. meta_eval:
@@ -176,13 +188,19 @@ def plan(chain: Chain) -> None:
                 key, saved, asked = changed
                 raise UserError(f"{step.script}: run {step.name} exists with {key}={saved} (asked: {asked}): give "
                                 f"the pipeline another --name, or overwrite=true to run every step again")
-            finished = payload["epoch"] == int(step.cfg.epochs) - 1 and payload.get("position") is None
+            done, asked = payload["epoch"] + 1, int(step.cfg.epochs)
+            if done > asked or (done == asked and payload.get("position") is not None):
+                raise UserError(f"{step.script}: run {step.name} already has {done} epochs (asked: epochs={asked}): "
+                                f"give {step.script}:epochs={done}, the pipeline another --name, or overwrite=true "
+                                f"to run every step again")
+            finished = done == asked and payload.get("position") is None
             step.action = "skip" if finished else "run"
         if step.action != "skip":
             runs_now.add(step.script)
     for step, trained in zip(chain.evaluations, chain.training):
         results, config = step.run_dir / "results.json", step.run_dir / "config.yaml"
-        up_to_date = results.is_file() and config.is_file() and not older_than_input(results, trained)
+        up_to_date = results.is_file() and config.is_file() and not older_than_input(results, trained) \
+            and scored_checkpoint_unchanged(results)
         step.action = "skip" if up_to_date and not changed_setting(config.read_text(), step.cfg, step.script) else "run"
 
 
