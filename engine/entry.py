@@ -108,7 +108,7 @@ def claim_run_dir(config: DictConfig) -> None:
             RunLock(Path(str(settings.checkpoint_dir)) / name, float(settings.lock_stale_hours)).check_free()
     existed = run_dir.exists()
     check_directory(run_dir, f"hydra.run.dir={run_dir}", "give hydra.run.dir a directory you can write to")
-    if "${run_stamp:}" in str(written):
+    if "${run_stamp:}" in str(written) and int(os.environ.get("WORLD_SIZE", 1)) == 1:  # torchrun's ranks share it
         base = run_dir
         for attempt in range(2, 1000):
             try:

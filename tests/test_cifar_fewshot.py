@@ -1,14 +1,17 @@
 """dataset=cifar_fs and dataset=fc100: the published splits read from a generated archive in CIFAR-100's python
 layout, MetaOptNet's pickles read the same, bad archives refused in one line, and `make mela_cifar` at toy scale."""
 import json
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from cifar_fewshot_data import COARSE_NAMES, FINE_NAMES, HIERARCHY, write_cifar100, write_metaoptnet_pickles
 from conftest import ROOT, one_line_error, run_script
-from test_presets import TOY, make
+from test_presets import TOY
 
 from dataset.fewshot import cifar_fewshot
 from dataset.fewshot.sources import check_config, load_split, load_supervised_set
@@ -189,6 +192,14 @@ def test_a_script_names_the_missing_archive_in_one_line(tmp_path):
                         workspace=workspace)
     line = one_line_error(result)
     assert "cifar-100-python/meta" in line and "make download_cifar100" in line
+
+
+def make(target: str, workspace, **variables):
+    """`make TARGET VAR=...` from the repository root, as a user runs it (without re-running `setup`)."""
+    env = dict(os.environ, WORKSPACE=str(workspace), PYTHONWARNINGS="ignore")
+    args = [f"{key}={value}" for key, value in variables.items()]
+    return subprocess.run(["make", "-s", "-o", ".venv/.installed", f"PY={sys.executable}", target, *args], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
 
 
 def test_mela_cifar_preset_at_toy_scale(data_dir, tmp_path, workspace):
