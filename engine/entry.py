@@ -2,6 +2,7 @@
 one line. In a sweep (`-m`) a failed job is recorded in its folder (`error.txt`) and the other jobs still run; the
 sweep then lists the failures and exits 1. An interrupted run (SIGTERM/SIGUSR1/SIGINT) exits 128 + the signal."""
 import difflib
+import copyreg
 import functools
 import logging
 import os
@@ -235,6 +236,19 @@ def check_command_line(script: Script, argv: list[str]) -> None:
                 options = group_options(script, CONFIG_DIR)[key]
                 raise UserError(f"{key}={value}: no such {key} option for {script.name}.py: "
                                 f"{_closest(value, options)}({key} options: {', '.join(options)})")
+
+
+def _unpickled(*fields) -> Script:
+    script = Script(*fields)
+    if script.name not in SCRIPTS:
+        register(script)
+    return script
+
+
+# A sweep's launcher may run the job in another process (submitit), which never imports the script: there the
+# unpickled script registers itself, as the script's import does here.
+copyreg.pickle(Script, lambda s: (_unpickled, (s.name, s.settings, s.groups, s.checks, s.lr_key,
+                                               s.writes_checkpoints)))
 
 
 def hydra_main(script: Script):

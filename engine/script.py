@@ -24,18 +24,3 @@ class Script:
     lr_key: str | None = None
     writes_checkpoints: bool = True
 
-    def __reduce__(self):
-        # A sweep's launcher may run the job in another process (submitit), which never imports the script: there
-        # the unpickled script registers itself, as the script's import does here.
-        return _unpickled, (self.name, self.settings, self.groups, self.checks, self.lr_key, self.writes_checkpoints)
-
-
-def _unpickled(*fields) -> Script:
-    from engine.config import SCRIPTS
-
-    script = Script(*fields)
-    if script.name not in SCRIPTS:
-        from engine.entry import register
-
-        register(script)
-    return script

@@ -21,7 +21,7 @@ import difflib
 import math
 import os
 from abc import ABC, abstractmethod
-from dataclasses import MISSING, dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -460,6 +460,3 @@ def check_directory(root, named: str, fix: str, writable: bool = True) -> None:
         where = "is not writable" if existing == root else f"cannot be created: {existing} is not writable"
         raise UserError(f"{named} {where}: {fix}")
 
-
-def is_schema(value) -> bool:
-    return is_dataclass(value) and isinstance(value, type)

@@ -17,7 +17,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dataset.catalog import check_view
-from dataset.fewshot import cifar_fewshot
+import dataset.fewshot.cifar_fewshot as cifar_fewshot
 from dataset.fewshot.flat import FlatDataset
 from dataset.fewshot.layouts import MINI_IMAGENET_FILES, SPLITS, checked, read_npy, read_npz_array, read_pickled_arrays
 from dataset.fewshot.synthetic import ensure_synthetic_fewshot
