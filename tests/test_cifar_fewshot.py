@@ -1,11 +1,8 @@
 """dataset=cifar_fs and dataset=fc100: the published splits read from a generated archive in CIFAR-100's python
 layout, MetaOptNet's pickles read the same, bad archives refused in one line, and `make mela_cifar` at toy scale."""
 import json
-import os
 import pickle
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +15,7 @@ from dataset.fewshot.sources import check_config, load_split, load_supervised_se
 from engine.entry import compose
 from engine.errors import UserError
 from methods.scripts import SCRIPTS
+from tools.study import main as study_main
 
 SPLITS = ("train", "val", "test")
 # The published splits, written out independently of the shipped files: CIFAR-FS's val and test fine classes
@@ -194,23 +192,19 @@ def test_a_script_names_the_missing_archive_in_one_line(tmp_path):
     assert "cifar-100-python/meta" in line and "make download_cifar100" in line
 
 
-def make(target: str, workspace, **variables):
-    """`make TARGET VAR=...` from the repository root, as a user runs it (without re-running `setup`)."""
-    env = dict(os.environ, WORKSPACE=str(workspace), PYTHONWARNINGS="ignore")
-    args = [f"{key}={value}" for key, value in variables.items()]
-    return subprocess.run(["make", "-s", "-o", ".venv/.installed", f"PY={sys.executable}", target, *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
-
-
-def test_mela_cifar_preset_at_toy_scale(data_dir, tmp_path, workspace):
-    """`make mela_cifar`: both datasets, every MeLa script, meta_eval 1- and 5-shot of each step, the table."""
+def test_mela_cifar_preset_at_toy_scale(data_dir, tmp_path, workspace, studies_in_process, monkeypatch, capsys):
+    """`make mela_cifar` (tools/study.py, as make runs it): both datasets, every MeLa script, meta_eval 1- and 5-shot
+    of each step, the table."""
     study = tmp_path / "study"
     args = [*TOY, f"data_dir={data_dir}", "test_db_size=5", "n_queries=5", "batch_size=50",
             "learn_labeler:no_replacement=false", "learn_labeler:train_db_size=60", "learn_labeler:std_factor=10",
             "learn_labeler:sup_rotate_aug=false", "sup_baseline:rotate_aug=false"]
-    done = make("mela_cifar", workspace, STUDY_DIR=study, NAME="toy", SEEDS="0",
-                ARGS=" ".join([*args, "learn_labeler:K=30"]))  # 64 classes in 60 random tasks: K=10 prunes to nothing
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    variables = dict(STUDY_DIR=study, NAME="toy", SEEDS="0",
+                     ARGS=" ".join([*args, "learn_labeler:K=30"]))  # 64 classes in 60 random tasks: K=10 prunes to nothing
+    for variable, value in variables.items():
+        monkeypatch.setenv(variable, str(value))
+    monkeypatch.chdir(tmp_path)
+    assert study_main(["mela_cifar"]) == 0, capsys.readouterr()
     document = json.loads((study / "table.json").read_text())
     assert document["metrics"] == ["test/1shot", "test/5shot"]
     for benchmark in SIZES:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 from test_preemption import interrupt_in_second_epoch
 from tests_distributed_data import batch_and_nets
 
@@ -55,9 +55,7 @@ def comparable(rows):
 
 
 def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, workspace):
-    from conftest import run_script
-
-    one = run_script("maxl_train.py", *RUN, "epochs=2", "name=one", cwd=tmp_path, workspace=workspace)
+    one = run_in_process("maxl_train.py", *RUN, "epochs=2", "name=one", cwd=tmp_path, workspace=workspace)
     assert one.returncode == 0, one.stderr
     two = torchrun([SCRIPT, *RUN, "epochs=2", "name=two"], tmp_path, workspace, 29612)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -98,8 +96,6 @@ MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_wor
 
 
 def test_mela_steps_run_on_two_processes_and_meta_eval_matches_one_process(tmp_path, workspace):
-    from conftest import run_script
-
     steps = [("learn_meta_repr", ["epochs=1", "tasks_per_step=2", "name=lmr"]),
              ("learn_labeler", ["epochs=1", "name=ll", "pretrained_labeler=lmr", "K=20", "no_replacement=false",
                                 "train_db_size=20", "batch_size=50"]),
@@ -109,7 +105,7 @@ def test_mela_steps_run_on_two_processes_and_meta_eval_matches_one_process(tmp_p
         assert result.returncode == 0, result.stderr[-3000:]
     labeler_log = next((tmp_path / "logs" / "learn_labeler" / "ll").glob("*/learn_labeler.log")).read_text()
     assert "2 processes" in labeler_log and "clusters for 10 true classes" in labeler_log
-    one = run_script("meta_eval.py", *MELA, "pretrained_model=ll", "hydra.run.dir=one", cwd=tmp_path,
+    one = run_in_process("meta_eval.py", *MELA, "pretrained_model=ll", "hydra.run.dir=one", cwd=tmp_path,
                      workspace=workspace)
     assert one.returncode == 0, one.stderr
     # the tasks split across ranks and gathered give the one-process results

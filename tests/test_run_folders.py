@@ -1,7 +1,7 @@
 """Nothing lost, nothing mixed (issue 20): a run's folders are its own whatever its name, a checkpoint is never
 silently replaced, a refused input leaves every file of the workspace as it was."""
 import pytest
-from conftest import one_line_error, run_script
+from conftest import one_line_error, run_in_process
 
 from engine.entry import compose
 from engine.errors import UserError
@@ -46,7 +46,7 @@ def test_a_run_name_is_one_folder_name(key, bad, workspace):
 def test_overwrite_with_a_dot_name_deletes_nothing(name, tmp_path, workspace):
     other_runs(workspace)
     before = snapshot(workspace)
-    result = run_script("maxl_train.py", *RUN, f"name={name}", "overwrite=true", cwd=tmp_path, workspace=workspace)
+    result = run_in_process("maxl_train.py", *RUN, f"name={name}", "overwrite=true", cwd=tmp_path, workspace=workspace)
     assert f"name={name}: name must be a run name" in one_line_error(result)
     assert snapshot(workspace) == before
 
@@ -92,11 +92,11 @@ def test_a_run_without_a_readable_last_checkpoint_is_refused_not_started_again(l
 
 
 def test_the_same_command_after_last_pt_was_deleted_keeps_best_pt(tmp_path, workspace):
-    assert run_script("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace).returncode == 0
+    assert run_in_process("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace).returncode == 0
     folder = workspace / "checkpoint" / "maxl" / "done"
     (folder / "last.pt").unlink()
     before = snapshot(workspace)
-    result = run_script("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace)
+    result = run_in_process("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace)
     assert "holds files of an earlier run (best.pt" in one_line_error(result)
     assert snapshot(workspace) == before
 
@@ -128,14 +128,14 @@ def test_a_lock_whose_pid_now_belongs_to_another_process_is_taken_over(tmp_path,
 
 
 def test_a_run_directory_holding_another_runs_records_is_refused(tmp_path, workspace):
-    assert run_script("maxl_train.py", *RUN, "name=first", "hydra.run.dir=logs/fixed", cwd=tmp_path,
+    assert run_in_process("maxl_train.py", *RUN, "name=first", "hydra.run.dir=logs/fixed", cwd=tmp_path,
                       workspace=workspace).returncode == 0
     before = snapshot(workspace, tmp_path / "logs")
-    result = run_script("maxl_train.py", *RUN, "name=second", "hydra.run.dir=logs/fixed", cwd=tmp_path,
+    result = run_in_process("maxl_train.py", *RUN, "name=second", "hydra.run.dir=logs/fixed", cwd=tmp_path,
                         workspace=workspace)
     assert "hydra.run.dir=logs/fixed holds the records of run first" in one_line_error(result)
     assert snapshot(workspace, tmp_path / "logs") == before
-    again = run_script("maxl_train.py", *RUN, "name=first", "epochs=2", "hydra.run.dir=logs/fixed", cwd=tmp_path,
+    again = run_in_process("maxl_train.py", *RUN, "name=first", "epochs=2", "hydra.run.dir=logs/fixed", cwd=tmp_path,
                        workspace=workspace)  # the same run continuing into its own directory
     assert again.returncode == 0, again.stderr
     assert "resumed" in again.stderr + again.stdout
@@ -143,7 +143,7 @@ def test_a_run_directory_holding_another_runs_records_is_refused(tmp_path, works
 
 def test_a_refused_run_leaves_no_log_folder_and_a_same_second_start_gets_its_own(tmp_path, workspace, monkeypatch):
     monkeypatch.setenv("METALABEL_RUN_STAMP", "2026-01-01_00-00-00")  # every process: the same second
-    assert run_script("maxl_train.py", *RUN, "name=live", cwd=tmp_path, workspace=workspace).returncode == 0
+    assert run_in_process("maxl_train.py", *RUN, "name=live", cwd=tmp_path, workspace=workspace).returncode == 0
     folder = workspace / "checkpoint" / "maxl" / "live"
     import json
     import os
@@ -156,23 +156,23 @@ def test_a_refused_run_leaves_no_log_folder_and_a_same_second_start_gets_its_own
     (folder / LOCK_FILE).write_text(json.dumps({"pid": live, "host": socket.gethostname(), "started": time.time(),
                                                 "pid_started": process_start(live)}))
     before = snapshot(workspace, tmp_path / "logs")
-    result = run_script("maxl_train.py", *RUN, "name=live", cwd=tmp_path, workspace=workspace)
+    result = run_in_process("maxl_train.py", *RUN, "name=live", cwd=tmp_path, workspace=workspace)
     assert f"in use by process {live}" in one_line_error(result)
     assert snapshot(workspace, tmp_path / "logs") == before  # no log line in the live run's directory, no folder
     (folder / LOCK_FILE).unlink()
-    second = run_script("maxl_train.py", *RUN, "name=live", "epochs=2", cwd=tmp_path, workspace=workspace)
+    second = run_in_process("maxl_train.py", *RUN, "name=live", "epochs=2", cwd=tmp_path, workspace=workspace)
     assert second.returncode == 0, second.stderr
     stamps = sorted(p.name for p in (tmp_path / "logs" / "maxl_train" / "live").iterdir())
     assert stamps == ["2026-01-01_00-00-00", "2026-01-01_00-00-00_2"]
-    refused = run_script("maxl_train.py", *RUN, "name=live", "lr=0.5", cwd=tmp_path, workspace=workspace)
+    refused = run_in_process("maxl_train.py", *RUN, "name=live", "lr=0.5", cwd=tmp_path, workspace=workspace)
     assert "written with lr=0.01" in one_line_error(refused)  # a resume mismatch: its folder is removed
     assert sorted(p.name for p in (tmp_path / "logs" / "maxl_train" / "live").iterdir()) == stamps
 
 
 def test_fewer_epochs_than_a_run_has_is_refused(tmp_path, workspace):
-    assert run_script("maxl_train.py", *RUN, "name=long", "epochs=2", cwd=tmp_path, workspace=workspace).returncode == 0
+    assert run_in_process("maxl_train.py", *RUN, "name=long", "epochs=2", cwd=tmp_path, workspace=workspace).returncode == 0
     before = snapshot(workspace, tmp_path / "logs")
-    result = run_script("maxl_train.py", *RUN, "name=long", "epochs=1", cwd=tmp_path, workspace=workspace)
+    result = run_in_process("maxl_train.py", *RUN, "name=long", "epochs=1", cwd=tmp_path, workspace=workspace)
     line = one_line_error(result)
     assert "run long already has 2 epochs" in line and "epochs=1 asks for fewer" in line and "name=" in line
     assert "overwrite=true" in line
@@ -185,7 +185,7 @@ MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_wor
 
 def test_a_mela_step_does_not_continue_from_a_changed_upstream_checkpoint(tmp_path, workspace):
     def run(script, *overrides):
-        return run_script(script, *MELA, *overrides, cwd=tmp_path, workspace=workspace)
+        return run_in_process(script, *MELA, *overrides, cwd=tmp_path, workspace=workspace)
 
     assert run("learn_meta_repr.py", "name=up", "n_shots=1", "n_queries=2").returncode == 0
     labeler = ["name=down", "pretrained_labeler=up", "K=20", "no_replacement=false", "train_db_size=20",
@@ -216,7 +216,7 @@ def test_a_directory_under_a_file_or_proc_is_one_line(key, value, tmp_path, work
 
 def test_hydra_run_dir_under_a_file_is_one_line(tmp_path, workspace):
     (tmp_path / "file").write_text("x")
-    result = run_script("maxl_train.py", *RUN, f"hydra.run.dir={tmp_path / 'file' / 'run'}", cwd=tmp_path,
+    result = run_in_process("maxl_train.py", *RUN, f"hydra.run.dir={tmp_path / 'file' / 'run'}", cwd=tmp_path,
                         workspace=workspace)
     assert "hydra.run.dir=" in one_line_error(result)
 
@@ -226,7 +226,7 @@ def test_damaged_checkpoints_of_a_finished_run_are_one_line_with_a_fix(tmp_path,
 
     import torch
 
-    assert run_script("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace).returncode == 0
+    assert run_in_process("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace).returncode == 0
     folder = workspace / "checkpoint" / "maxl" / "done"
     shutil.copy(folder / "last.pt", tmp_path / "last.pt")
     good = torch.load(folder / "last.pt", weights_only=True)
@@ -236,7 +236,7 @@ def test_damaged_checkpoints_of_a_finished_run_are_one_line_with_a_fix(tmp_path,
         change(payload)
         torch.save(payload, folder / file) if file == "last.pt" else (folder / file).write_bytes(b"garbage")
         before = snapshot(workspace)
-        line = one_line_error(run_script("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace))
+        line = one_line_error(run_in_process("maxl_train.py", *RUN, "name=done", cwd=tmp_path, workspace=workspace))
         assert expected in line and "overwrite=true" in line, line
         assert snapshot(workspace) == before
         shutil.copy(tmp_path / "last.pt", folder / "last.pt")

@@ -4,7 +4,7 @@ import os
 import string
 
 import pytest
-from conftest import ROOT, one_line_error, run_in_process, run_script
+from conftest import ROOT, one_line_error, run_in_process
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from omegaconf import OmegaConf
@@ -297,7 +297,7 @@ def test_the_local_launcher_needs_no_slurm(tmp_path, monkeypatch):
 # ---- through the real scripts -----------------------------------------------------------------------------------
 
 def test_a_dataset_without_its_mandatory_keys_is_one_line(tmp_path, workspace):
-    result = run_script("maxl_train.py", "dataset=hier_file", cwd=tmp_path, workspace=workspace)
+    result = run_in_process("maxl_train.py", "dataset=hier_file", cwd=tmp_path, workspace=workspace)
     missing = _missing_keys("hier_file")[0]
     assert one_line_error(result) == f"error: dataset.{missing} is required for dataset=hier_file: give " \
                                      f"dataset.{missing}=..."
@@ -307,7 +307,8 @@ def test_a_dataset_without_its_mandatory_keys_is_one_line(tmp_path, workspace):
 def test_a_slurm_sweep_without_sbatch_stops_with_one_line(tmp_path, workspace, monkeypatch):
     without_sbatch = [p for p in os.environ["PATH"].split(os.pathsep) if not os.path.isfile(os.path.join(p, "sbatch"))]
     monkeypatch.setenv("PATH", os.pathsep.join(without_sbatch))
-    result = run_script("maxl_train.py", "-m", "hydra/launcher=slurm", "epochs=1,2", cwd=tmp_path, workspace=workspace)
+    result = run_in_process("maxl_train.py", "-m", "hydra/launcher=slurm", "epochs=1,2", cwd=tmp_path,
+                            workspace=workspace)
     assert one_line_error(result) == "error: hydra/launcher=slurm needs SLURM's sbatch on PATH: run on a cluster " \
                                      "login node, or drop hydra/launcher=... to run locally"
 
