@@ -385,6 +385,14 @@ def device_evidence(log_text: str, device: str, precision: str, compiled: bool) 
     return used, problems
 
 
+def epoch_rows(run_dir: Path) -> list[dict]:
+    """The run's metrics.csv rows, one per epoch."""
+    if not (run_dir / "metrics.csv").is_file():
+        return []
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
 def steps_taken(script: str, run_dir: Path, log_text: str) -> int | None:
     """Optimiser steps from the run's records: epochs in metrics.csv x steps per epoch (items in its log, batch in
     its config.yaml; MAXL's label-learning methods add a meta pass per epoch)."""
@@ -393,14 +401,20 @@ def steps_taken(script: str, run_dir: Path, log_text: str) -> int | None:
     kind = "maxl_train" if script == "maxl_train" else "meta" if script in ("learn_meta_repr", "fine_tune") \
         else "supervised"
     found = [m for m in map(TRAINED[kind].search, log_text.splitlines()) if m]
-    if not found or not (run_dir / "metrics.csv").is_file():
+    epochs = len(epoch_rows(run_dir))
+    if not found or not epochs:
         return None
-    with open(run_dir / "metrics.csv") as handle:
-        epochs = len(list(csv.DictReader(handle)))
     cfg = OmegaConf.load(run_dir / "config.yaml")
     per_step = cfg.tasks_per_step if kind == "meta" else cfg.batch_size
     passes = 2 if kind == "maxl_train" and cfg.method in ("maxl", "maxl_first_order") else 1
     return epochs * passes * math.ceil(int(found[-1].group(1)) / per_step)
+
+
+def exit_problem(process: Process) -> str:
+    """Its exit status, why it was stopped if it was, and the last line it printed."""
+    tail = [line for line in process.output.read_text(errors="replace").splitlines() if line.strip()][-1:]
+    return (f"exit status {process.exit_code}" + (f", stopped {process.stopped}" if process.stopped else "")
+            + (f": {tail[0][:300]}" if tail else ""))
 
 
 def check_run(run: ScriptRun, device: str) -> None:
@@ -409,27 +423,23 @@ def check_run(run: ScriptRun, device: str) -> None:
     log_text = run_log(run_dir)
     used, problems = device_evidence(log_text, device, setting["precision"], setting["compile"])
     peak = process.peak_gpu_mb()
-    if device == "cuda" and not peak:
-        problems.append("no CUDA memory was allocated")
-    if process.exit_code != 0:
-        tail = [line for line in process.output.read_text(errors="replace").splitlines() if line.strip()][-1:]
-        problems.insert(0, f"exit status {process.exit_code}" + (f", stopped {process.stopped}" if process.stopped
-                                                                 else "") + (f": {tail[0][:300]}" if tail else ""))
-    steps = None
-    epoch_s = None
-    if run.script == "meta_eval":
-        if not (run_dir / "results.json").is_file():
-            problems.append("no results.json")
+    steps = epoch_s = None
+    if process.exit_code != 0:  # the cause, and a device it ran on that was not the one asked
+        problems = [exit_problem(process), *(problems if used else [])]
     else:
-        steps = steps_taken(run.script, run_dir, log_text)
-        if steps is None or steps < 1:
-            problems.append("no training step recorded")
-        elif run.expected_steps is not None and (steps > run.expected_steps if run.fewer_allowed
-                                                 else steps != run.expected_steps):
-            problems.append(f"{steps} steps, {run.expected_steps} asked")
-        if (run_dir / "metrics.csv").is_file():
-            with open(run_dir / "metrics.csv") as handle:
-                epoch_s = round(sum(float(row["time_s"]) for row in csv.DictReader(handle)), 2)
+        if device == "cuda" and not peak:
+            problems.append("no CUDA memory was allocated")
+        if run.script == "meta_eval":
+            if not (run_dir / "results.json").is_file():
+                problems.append("no results.json")
+        else:
+            steps = steps_taken(run.script, run_dir, log_text)
+            if steps is None or steps < 1:
+                problems.append("no training step recorded")
+            elif run.expected_steps is not None and (steps > run.expected_steps if run.fewer_allowed
+                                                     else steps != run.expected_steps):
+                problems.append(f"{steps} steps, {run.expected_steps} asked")
+            epoch_s = round(sum(float(row["time_s"]) for row in epoch_rows(run_dir)), 2)
     run.problems = problems
     run.status = "fail" if problems else "pass"
     run.row = {"device": used, "steps": steps, "expected_steps": run.expected_steps, "wall_s": process.wall_s,
@@ -459,6 +469,10 @@ class BenchRun:
     status: str = "not run"
     problems: list[str] = field(default_factory=list)
 
+    @property
+    def title(self) -> str:
+        return f"{self.bench}.py" + (f" {self.precision}" if self.precision else "")
+
 
 def bench_plan(args, precisions: list[str]) -> list[BenchRun]:
     runs = []
@@ -487,11 +501,8 @@ def run_bench(run: BenchRun, work: Path, env: dict, scale: float, device: str) -
     text = run.process.output.read_text(errors="replace")
     run.rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     if run.process.exit_code != 0:
-        tail = [line for line in text.splitlines() if line.strip()][-1:]
-        run.problems.append(f"exit status {run.process.exit_code}"
-                            + (f", stopped {run.process.stopped}" if run.process.stopped else "")
-                            + (f": {tail[0][:300]}" if tail else ""))
-    if not run.rows:
+        run.problems.append(exit_problem(run.process))
+    elif not run.rows:
         run.problems.append("no JSON line")
     for row in run.rows:
         if "meta_s" not in row and "seconds_per_step" in row and "images_per_step" in row:
@@ -499,7 +510,7 @@ def run_bench(run: BenchRun, work: Path, env: dict, scale: float, device: str) -
         if run.has_device and "device" in row and str(row["device"]).split(":")[0] != device:
             run.problems.append(f"{row.get('method') or row.get('bench')} ran on {row['device']}, not {device}")
     run.status = "fail" if run.problems else "pass"
-    print(f"gpu_check: {run.bench}.py {run.precision or ''}: {run.status} ({run.process.wall_s} s)"
+    print(f"gpu_check: {run.title}: {run.status} ({run.process.wall_s} s)"
           + (f": {'; '.join(run.problems)}" if run.problems else ""), file=sys.stderr, flush=True)
 
 
@@ -521,8 +532,7 @@ def bench_figures(row: dict) -> str:
 
 def bench_label(row: dict) -> str:
     name = row.get("method") or row.get("bench") or "ratios"
-    extra = [f"augment={str(row['augment']).lower()}" for _ in [0] if "augment" in row]
-    return " ".join([name, *extra])
+    return name + (f" augment={str(row['augment']).lower()}" if "augment" in row else "")
 
 
 def markdown(report: dict) -> str:
@@ -551,7 +561,7 @@ def markdown(report: dict) -> str:
                          f"{bench['status']} | {bench_figures(row)} |")
     problems = [f"- {run['title']} {run['variant']}: {'; '.join(run['problems'])}" for run in report["scripts"]
                 if run["status"] == "fail" or run["status"] == "not run"] + \
-        [f"- {bench['bench']}.py {bench['precision'] or ''}: {'; '.join(bench['problems'])}"
+        [f"- {bench['title']}: {'; '.join(bench['problems'])}"
          for bench in report["benches"] if bench["status"] != "pass"]
     if problems:
         lines += ["", "## Failed", "", *problems]
@@ -640,8 +650,8 @@ def main(argv=None) -> int:
         "budget_s": {k: v * args.time_scale for k, v in BUDGET.items()},
         "scripts": [{"script": r.script, "title": r.title, "label": r.label, "variant": r.variant,
                      "status": r.status, "problems": r.problems, "command": r.overrides, **r.row} for r in scripts],
-        "benches": [{"bench": b.bench, "argv": b.argv, "has_device": b.has_device, "precision": b.precision,
-                     "status": b.status, "problems": b.problems, "rows": b.rows,
+        "benches": [{"bench": b.bench, "title": b.title, "argv": b.argv, "has_device": b.has_device,
+                     "precision": b.precision, "status": b.status, "problems": b.problems, "rows": b.rows,
                      "wall_s": b.process.wall_s if b.process else None} for b in benches],
         "checks": len(checked), "passed_checks": passed, "passed": passed == len(checked),
         "seconds": round(time.perf_counter() - began, 1)}

@@ -113,3 +113,9 @@ def test_every_variant_trains_every_script_and_starts_from_the_fp32_chain(gpu_ch
     assert not any(run.script == "meta_eval" and run.variant != "fp32" for run in runs)
     # learn_labeler takes every item of its tasks (5-way, 20 images a class, 4 turns) in at most 10 steps
     assert sizes.labeler_batch * 10 >= sizes.labeler_tasks * 5 * 20 * 4 > sizes.labeler_batch * 9
+
+
+def test_make_gpu_check_passes_its_arguments_on():
+    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "gpu_check", "GPU_CHECK_ARGS=--device cpu --steps 5"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert dry.strip() == ".venv/bin/python bench/gpu_check.py --device cpu --steps 5"
