@@ -105,7 +105,7 @@ def _child(path: Path, argv: list[str], cwd: Path, env: dict, output: Path, prob
 
 
 @dataclass
-class Process:
+class ForkedRun:
     """A forked run of a script or bench: its files in `folder` (output.txt, probe.json)."""
 
     path: Path
@@ -182,7 +182,7 @@ def device_info(folder: Path, timeout: float) -> dict:
                       "cuda = torch.cuda.is_available()\n"
                       "print(json.dumps({'cuda': cuda, 'name': torch.cuda.get_device_name(0) if cuda else 'cpu',\n"
                       "                  'torch': torch.__version__}))\n")
-    probe = Process(script, [], folder, {}, timeout)
+    probe = ForkedRun(script, [], folder, {}, timeout)
     probe.run()
     if probe.exit_code != 0:
         raise SystemExit(f"error: the device probe failed:\n{probe.output.read_text()[-2000:]}")
@@ -236,7 +236,7 @@ class ScriptRun:
     expected_steps: int | None
     fewer_allowed: bool = False  # learn_labeler: its labeler may reject tasks, leaving fewer items
     after: "ScriptRun | None" = None  # the run whose checkpoint it starts from
-    process: Process | None = None
+    process: ForkedRun | None = None
     status: str = "not run"
     problems: list[str] = field(default_factory=list)
     row: dict = field(default_factory=dict)
@@ -348,7 +348,7 @@ def run_scripts(runs: list[ScriptRun], device: str, jobs: int, work: Path, env: 
             timeout = BUDGET["compiled_run" if VARIANTS[run.variant]["compile"] else "run"] * scale
             folder = work / "runs" / run.name
             run.overrides.append(f"hydra.run.dir={folder / 'run'}")
-            run.process = Process(ROOT / f"{run.script}.py", run.overrides, folder, env, timeout)
+            run.process = ForkedRun(ROOT / f"{run.script}.py", run.overrides, folder, env, timeout)
             run.process.start()
             waiting.remove(run)
             running.append(run)
@@ -381,7 +381,7 @@ def device_evidence(log_text: str, device: str, precision: str, compiled: bool) 
     if used_precision != precision:
         problems.append(f"ran in {used_precision}, not {precision}")
     if used_compile != compiled:
-        problems.append("compiled" if used_compile else "not compiled")
+        problems.append("compiled, though compile=false" if used_compile else "not compiled, though compile=true")
     return used, problems
 
 
@@ -410,7 +410,7 @@ def steps_taken(script: str, run_dir: Path, log_text: str) -> int | None:
     return epochs * passes * math.ceil(int(found[-1].group(1)) / per_step)
 
 
-def exit_problem(process: Process) -> str:
+def exit_problem(process: ForkedRun) -> str:
     """Its exit status, why it was stopped if it was, and the last line it printed."""
     tail = [line for line in process.output.read_text(errors="replace").splitlines() if line.strip()][-1:]
     return (f"exit status {process.exit_code}" + (f", stopped {process.stopped}" if process.stopped else "")
@@ -464,7 +464,7 @@ class BenchRun:
     argv: list[str]
     has_device: bool
     precision: str | None
-    process: Process | None = None
+    process: ForkedRun | None = None
     rows: list[dict] = field(default_factory=list)
     status: str = "not run"
     problems: list[str] = field(default_factory=list)
@@ -496,7 +496,7 @@ def bench_plan(args, precisions: list[str]) -> list[BenchRun]:
 
 def run_bench(run: BenchRun, work: Path, env: dict, scale: float, device: str) -> None:
     folder = work / "benches" / f"{run.bench}_{run.precision or 'default'}"
-    run.process = Process(ROOT / "bench" / f"{run.bench}.py", run.argv, folder, env, BUDGET[run.bench] * scale)
+    run.process = ForkedRun(ROOT / "bench" / f"{run.bench}.py", run.argv, folder, env, BUDGET[run.bench] * scale)
     run.process.run()
     text = run.process.output.read_text(errors="replace")
     run.rows = [json.loads(line) for line in text.splitlines() if line.startswith("{")]

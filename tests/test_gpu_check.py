@@ -74,7 +74,7 @@ def test_a_run_elsewhere_than_asked_fails_its_check(gpu_check):
     log = "2026-01-01 00:00:00,000 | device: cpu, precision fp32\n"
     assert check(log, "cpu", "fp32", False) == ("cpu", [])
     assert check(log, "cuda", "bf16", True) == ("cpu", ["ran on cpu, not cuda", "ran in fp32, not bf16",
-                                                       "not compiled"])
+                                                       "not compiled, though compile=true"])
     assert check("| device: cuda:0, precision bf16, compiled\n", "cuda", "bf16", True) == ("cuda:0", [])
     assert check("nothing about the device\n", "cuda", "fp32", False) == (None, ["its log has no `device: ...` line"])
 
