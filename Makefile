@@ -14,8 +14,8 @@ else ifneq ($(strip $(TORCH_SPEC)),$(TORCH_RECORDED))
 .venv/.installed: FORCE
 endif
 
-.PHONY: setup test demo demo_maxl demo_mela pipeline bench bench_maxl bench_mela download_cifar100 download_cifar10 \
-  FORCE
+.PHONY: setup test demo demo_maxl demo_mela pipeline bench bench_maxl bench_mela gpu_check download_cifar100 \
+  download_cifar10 FORCE
 FORCE:
 
 setup: .venv/.installed
@@ -64,6 +64,12 @@ demo_mela: setup
 
 bench_mela: setup
 	$(PY) bench/bench_mela.py $(BENCH_MELA_ARGS)
+
+# Every script for a few steps at full width in fp32, bf16 and compiled on one CUDA GPU, checked to have run there,
+# then the benches: logs/gpu_check/gpu_check.md and .json, in under 8 minutes (docs/benchmarks.md). Options through
+# GPU_CHECK_ARGS (python bench/gpu_check.py --help), e.g. GPU_CHECK_ARGS="--out logs/gpu_check_h200".
+gpu_check: setup
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 download_cifar100: setup
 	$(PY) -m tools.download cifar100

@@ -110,7 +110,7 @@ def one_line_error(result) -> str:
 # Files whose tests start many processes, longest first: handed out first, so that `pytest -n 2 --dist loadfile`
 # spreads them over both workers and the short files fill in around them.
 LONG_FILES = ("test_preemption.py", "test_distributed.py", "test_presets.py", "test_mela_scripts.py",
-              "test_bench.py", "test_maxl_train.py", "test_validation.py", "test_own_data_scripts.py",
+              "test_gpu_check.py", "test_bench.py", "test_maxl_train.py", "test_validation.py", "test_own_data_scripts.py",
               "test_cifar_fewshot.py")
 
 
