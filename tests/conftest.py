@@ -69,33 +69,42 @@ def run_in_process(script: str, *overrides: str, cwd: Path, workspace: Path):
     return subprocess.CompletedProcess([script, *overrides], code, out.getvalue(), err.getvalue())
 
 
-@pytest.fixture
-def studies_in_process(monkeypatch):
-    """tools.study and tools.pipeline launch their steps (`python SCRIPT.py ...`, `python -m tools.X ...`) in this
-    process, as `run_in_process` runs a script, their output passed on to this process's stdout/stderr. For
-    tests of what a study computes; the `make` layer in front of it is run by the documentation's blocks."""
+def launch_in_process(command, cwd=None, **_):
+    """`subprocess.run` for tools.study and tools.pipeline: their launches (`python SCRIPT.py ...`, `python -m
+    tools.X ...`) run in this process, as `run_in_process` runs a script, their output passed on to this process's
+    stdout/stderr."""
     import importlib
+
+    if command[1] == "-m":
+        module, args = importlib.import_module(command[2]), command[3:]
+        try:
+            code = module.main(args) or 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        return subprocess.CompletedProcess(command, code)
+    done = run_in_process(command[1], *command[2:], cwd=Path(cwd or os.getcwd()),
+                          workspace=Path(os.environ["WORKSPACE"]))
+    sys.stdout.write(done.stdout)
+    sys.stderr.write(done.stderr)
+    return done
+
+
+def launch_studies_in_process(setattr_) -> None:
+    """Give tools.study and tools.pipeline `launch_in_process` for their `subprocess.run`."""
     import types
 
     import tools.pipeline
     import tools.study
 
-    def run(command, cwd=None, **_):
-        if command[1] == "-m":
-            module, args = importlib.import_module(command[2]), command[3:]
-            try:
-                code = module.main(args) or 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-            return subprocess.CompletedProcess(command, code)
-        done = run_in_process(command[1], *command[2:], cwd=Path(cwd or os.getcwd()),
-                              workspace=Path(os.environ["WORKSPACE"]))
-        sys.stdout.write(done.stdout)
-        sys.stderr.write(done.stderr)
-        return done
-
     for module in (tools.pipeline, tools.study):
-        monkeypatch.setattr(module, "subprocess", types.SimpleNamespace(run=run))
+        setattr_(module, "subprocess", types.SimpleNamespace(run=launch_in_process))
+
+
+@pytest.fixture
+def studies_in_process(monkeypatch):
+    """A study's steps run in the test's process, without the seconds each new process spends importing torch: for
+    tests of what a study computes. The `make` layer in front of it is run by the documentation's blocks."""
+    launch_studies_in_process(monkeypatch.setattr)
 
 
 def one_line_error(result) -> str:

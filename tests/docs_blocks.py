@@ -54,7 +54,9 @@ def _tools(folder: Path) -> Path:
     """`make` and `python` as the documentation's commands expect them, for this test's interpreter."""
     folder.mkdir()
     make = shutil.which("make")
-    (folder / "make").write_text(f'#!/bin/sh\nexec {make} -o .venv/.installed PY={sys.executable} "$@"\n')
+    # PY: the copy's tests/study_in_one_process.py ($PWD: make runs in the copy's root)
+    (folder / "make").write_text(f'#!/bin/sh\nexec {make} -o .venv/.installed '
+                                 f'PY="{sys.executable} $PWD/tests/study_in_one_process.py" "$@"\n')
     (folder / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
     for tool in folder.iterdir():
         tool.chmod(0o755)
