@@ -5,12 +5,13 @@ rows that bench printed, so `make bench SAVE=figures.json` and then `make bench 
 Compare only files written on the same machine: the figures are seconds and rates of that machine.
 
 A row is matched with the baseline's row naming the same measurement (its `method`, `bench` or `ratio`, and `nproc`).
-A figure is compared when its name says which way is better: rates (`..._per_s...`, `..._speedup`) are better
+A figure is compared when its name says which way is better: rates (`..._per_s`, `..._per_s_...`, `..._speedup`) are better
 higher, times (`..._s`, `seconds_...`) and shares of a reference (`..._over_...`) lower. The ratio printed is new /
 baseline; a change for the worse by more than `--slower-than` (default 10%) is flagged SLOWER.
 """
 import json
 import platform
+import re
 from pathlib import Path
 
 IDENTITY = ("method", "bench", "ratio", "nproc")
@@ -37,9 +38,9 @@ def check_readable(path: str | None) -> None:
 
 def better(name: str) -> str | None:
     """'higher' or 'lower' for a figure, None for a setting (batch size, threads...) or a memory figure."""
-    if "per_s" in name or name.endswith("speedup"):
+    if re.search(r"_per_s(_|$)", name) or name.endswith("speedup"):
         return "higher"
-    if name.endswith("_s") or name.startswith("seconds") or "_over_" in name:
+    if name.endswith("_s") or name.startswith("seconds_") or "_over_" in name:
         return "lower"
     return None
 
@@ -61,7 +62,8 @@ def compare(bench: str, rows: list[dict], baseline: dict, slower_than: float) ->
             continue
         for figure, value in row.items():
             direction = better(figure)
-            if direction is None or not isinstance(value, (int, float)) or not isinstance(old.get(figure), (int, float)):
+            numbers = isinstance(value, (int, float)) and isinstance(old.get(figure), (int, float))
+            if direction is None or not numbers:
                 continue
             ratio = value / old[figure] if old[figure] else float("inf")
             worse = ratio > 1 + slower_than if direction == "lower" else ratio < 1 / (1 + slower_than)

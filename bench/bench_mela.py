@@ -188,7 +188,8 @@ def bench_meta_step_reference(args, device):
     n, k, q, size, t = args.n_ways, args.n_shots, args.n_queries, args.image_size, args.tasks_per_step
     backbone = create_model("resnet12", width_mult=args.width).to(device)
     optimizer = torch.optim.SGD(backbone.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    support_y, query_y = torch.arange(n, device=device).repeat_interleave(k), torch.arange(n, device=device).repeat_interleave(q)
+    labels = torch.arange(n, device=device)
+    support_y, query_y = labels.repeat_interleave(k), labels.repeat_interleave(q)
     tasks = [(torch.randn(n * k, 3, size, size, device=device), torch.randn(n * q, 3, size, size, device=device))
              for _ in range(t)]
 

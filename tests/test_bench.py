@@ -45,13 +45,15 @@ def test_bench_maxl_rows_and_ratio_to_the_reference_procedure():
 
 
 def test_baseline_comparison_flags_slowdowns_beyond_the_threshold():
-    from bench.baseline import compare
+    from bench.baseline import better, compare
 
     old = {"benches": {"bench_maxl": [
         {"method": "maxl", "nproc": 1, "phase1_s": 2.0, "meta_s": 4.0, "images_per_s": 100.0, "batch_size": 100},
         {"nproc": 1, "maxl_pair_over_reference": 0.5}]}}
     new = [{"method": "maxl", "nproc": 1, "phase1_s": 2.1, "meta_s": 5.0, "images_per_s": 80.0, "batch_size": 50},
            {"nproc": 1, "maxl_pair_over_reference": 0.4}, {"method": "single", "nproc": 1, "phase1_s": 1.0}]
+    assert [better(name) for name in ("seconds_per_step", "tasks_per_s_5shot", "images_per_step", "peak_mem_mb")] \
+        == ["lower", "higher", None, None]
     assert compare("bench_maxl", new, old, slower_than=0.10) == [
         "bench_maxl method=maxl nproc=1 phase1_s: 2.1 (baseline 2) x1.050",  # within 10%: not flagged
         "bench_maxl method=maxl nproc=1 meta_s: 5 (baseline 4) x1.250  SLOWER",
