@@ -42,10 +42,13 @@ demo_maxl: setup
 	$(PY) -m tools.report logs/demo/maxl/single logs/demo/maxl/human logs/demo/maxl/maxl \
 	  --metric test/acc_last --metric test/acc_best --metric test/acc_last5_mean --plot logs/demo/maxl/test_accuracy.png
 
-bench: bench_maxl bench_mela bench_data   # options: BENCH_MAXL_ARGS, BENCH_MELA_ARGS, BENCH_DATA_ARGS
+bench: bench_maxl bench_mela bench_data   # options: BENCH_MAXL_ARGS, BENCH_MELA_ARGS, BENCH_DATA_ARGS, SAVE, BASELINE
+# SAVE=FILE keeps the MAXL and MeLa figures in FILE; BASELINE=FILE (an earlier SAVE on this machine) prints each figure
+# next to that run's with their ratio, flagging slowdowns over 10%:  make bench BASELINE=figures.json
+BENCH_FIGURES = $(if $(SAVE),--save $(SAVE)) $(if $(BASELINE),--baseline $(BASELINE))
 
 bench_maxl: setup
-	$(PY) bench/bench_maxl.py $(BENCH_MAXL_ARGS)
+	$(PY) bench/bench_maxl.py $(BENCH_FIGURES) $(BENCH_MAXL_ARGS)
 
 # ---- MeLa ---------------------------------------------------------------------------------------------------
 # The whole chain on one dataset, then meta_eval of every stage:  make pipeline DATASET=miniImageNet NAME=... ARGS='...'
@@ -63,7 +66,7 @@ demo_mela: setup
 	$(PY) -m tools.pipeline --dataset digits --name demo -- $(DEMO_MELA)
 
 bench_mela: setup
-	$(PY) bench/bench_mela.py $(BENCH_MELA_ARGS)
+	$(PY) bench/bench_mela.py $(BENCH_FIGURES) $(BENCH_MELA_ARGS)
 
 # Every script for a few steps at full width in fp32, bf16 and compiled on one CUDA GPU, checked to have run there,
 # then the benches: logs/gpu_check/gpu_check.md and .json, in under 8 minutes (docs/benchmarks.md). Options through

@@ -2,7 +2,7 @@
 
     python bench/bench_maxl.py [--methods single,human,maxl,maxl_first_order,reference] [--batch-size 100]
                                [--image-size 32] [--width 1.0] [--device cpu|cuda] [--iters 5]
-                               [--nproc 1] [--precision fp32|bf16]
+                               [--nproc 1] [--precision fp32|bf16] [--save FILE] [--baseline FILE]
 
 Prints one JSON line per method. Each method runs in its own process (or, with --nproc N, N processes under
 torchrun, each with batch_size / N images: the global batch stays the same) so that peak memory is its own.
@@ -12,6 +12,7 @@ project's models: COSSIM on every phase-1 iteration (two extra backward passes),
 autograd in phase 1 (its backward wasted), and a meta step that takes the inner gradient with
 create_graph=True and back-propagates the post-step loss into every leaf; NCHW layout. It is the yardstick for
 the speed comparison (the maxl pair time as a share of the reference time, both measured in one run).
+--save and --baseline keep the figures and compare them with an earlier run's (bench/baseline.py).
 """
 import argparse
 import json
@@ -28,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import baseline  # noqa: E402
 from bench.launch import run_processes  # noqa: E402
 
 
@@ -152,24 +154,31 @@ def main():
                                                      "as 1,2 measures each")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
+    baseline.add_arguments(parser)
     args = parser.parse_args()
+    baseline.check_readable(args.baseline)
     if args.one:
         with tempfile.TemporaryDirectory(prefix="bench_maxl_") as scratch:
             result = measure(args.one, args, scratch)
         if result:
             print(json.dumps(result))
         return
-    settings = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("methods", "one", "nproc")]
+    settings = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k not in ("methods", "one", "nproc", "save", "baseline", "slower_than")]
+    rows = []
     for nproc in (int(n) for n in args.nproc.split(",")):
         # The reference procedure is single-process (it has no gradient reduction).
         methods = [m for m in args.methods.split(",") if nproc == 1 or m != "reference"]
         results = {method: run_one(method, nproc, settings) for method in methods}
+        rows += results.values()
         if "maxl" in results and "reference" in results:
             ratios = {"nproc": nproc,
                       "maxl_pair_over_reference": round(results["maxl"]["pair_s"] / results["reference"]["pair_s"], 3)}
             if "single" in results:
                 ratios["maxl_phase1_over_single"] = round(results["maxl"]["phase1_s"] / results["single"]["phase1_s"], 3)
-            print(json.dumps(ratios))
+            print(json.dumps(ratios), flush=True)
+            rows.append(ratios)
+    baseline.finish("bench_maxl", rows, args)
 
 
 def run_one(method: str, nproc: int, settings: list[str]) -> dict:

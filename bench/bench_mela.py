@@ -1,19 +1,26 @@
 """MeLa's hot paths, one JSON line each:
 
-    python bench/bench_mela.py [--only meta_step,meta_eval,supervised,features] [--device cpu|cuda]
-                               [--nproc 1] [--precision fp32|bf16] [--no-channels-last] [--compile]
-                               [--quick] [--image-size 84] [--width 1.0] [--iters 3] ...
+    python bench/bench_mela.py [--only meta_step,meta_step_reference,meta_eval,supervised,supervised_reference,
+                               features] [--device cpu|cuda] [--nproc 1] [--precision fp32|bf16]
+                               [--no-channels-last] [--compile] [--quick] [--image-size 84] [--width 1.0]
+                               [--iters 3] [--save FILE] [--baseline FILE] ...
 
 meta_step   learn_meta_repr's step: ResNet-12, n-way k-shot q-query tasks: forward + MetaLS + backward + SGD step
 meta_eval   logistic-regression tasks per second on given features, 1-shot and 5-shot
 supervised  pseudo-label / sup_baseline training images per second (ResNet-12 + linear head, SGD)
 features    feature extraction images per second (eval mode, inference_mode, large batches)
+meta_step_reference, supervised_reference
+            the same two steps written straightforwardly in this file, with this project's ResNet-12: NCHW, one
+            process, the ridge solve through an explicit inverse, default cdist, a NaN check and the metrics read
+            to the host every step (.item()), torch's default optimiser step. With both sides of a pair measured,
+            a ratio row follows: meta_step_over_reference (seconds per step) and supervised_speedup (images/s).
 
 meta_step, supervised and features run through the engine's Session as the scripts do (DDP, autocast,
 channels-last, compile), with --nproc N in N processes under torchrun (gloo on CPU, nccl on CUDA) that share the
 global batch (--tasks-per-step, --batch-size, --feature-batch); --nproc 1,2 measures each. Their figures are the
 global throughput of `--iters` steps timed together after one warm-up step. meta_eval runs once, in one process;
 its times are the best of `--iters` repetitions after one warm-up. --quick shrinks everything for a smoke run.
+--save and --baseline keep the figures and compare them with an earlier run's (bench/baseline.py).
 The labeler's cost within learn_labeler's step is bench/bench_labeler.py's.
 """
 import argparse
@@ -30,6 +37,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench import baseline  # noqa: E402
 from bench.launch import run_processes  # noqa: E402
 from engine import Session, compose  # noqa: E402
 from engine.metrics import MeanTracker  # noqa: E402
@@ -40,7 +48,7 @@ from methods.scripts import SCRIPTS  # noqa: E402
 from methods.supervised import build_classifier, supervised_train_step  # noqa: E402
 from models import create_model  # noqa: E402
 
-BENCHES = ("meta_step", "meta_eval", "supervised", "features")
+BENCHES = ("meta_step", "meta_step_reference", "meta_eval", "supervised", "supervised_reference", "features")
 SESSION_BENCHES = ("meta_step", "supervised", "features")  # through the engine: --nproc, --precision, --compile
 
 
@@ -145,6 +153,96 @@ def bench_supervised(args, session: Session):
             "image_size": args.image_size, "width": args.width, "classes": args.sup_classes * 4}
 
 
+def reference_timed(step, args) -> float:
+    """Seconds for `--iters` calls of `step` after one warm-up call (a reference bench: one process)."""
+    step()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.iters):
+        step()
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def reference_meta_ls_loss(features, support_y, query_y, n_ways: int, lam: float):
+    """One task's MetaLS loss, written straightforwardly (the same function as methods.meta_ls.meta_ls_loss)."""
+    n_support = len(support_y)
+    x = torch.cat([features, torch.ones(len(features), 1, device=features.device)], 1)
+    support_t, query_t = F.one_hot(support_y, n_ways).float(), F.one_hot(query_y, n_ways).float()
+
+    def ridge(x, t):
+        return x.t() @ torch.inverse(x @ x.t() + lam * torch.eye(len(x), device=x.device)) @ t
+
+    w_support = ridge(x[:n_support], support_t)
+    loss = F.mse_loss(x[n_support:] @ w_support, query_t)
+    labels = torch.cat([support_y, query_y])
+    in_support = torch.arange(len(labels), device=labels.device) < n_support
+    similar = (labels[:, None] == labels[None]) & (in_support[:, None] == in_support[None])
+    hinge = F.hinge_embedding_loss(torch.cdist(features, features), similar.float() * 2 - 1, margin=1.0)
+    return loss + hinge + F.mse_loss(w_support, ridge(x, torch.cat([support_t, query_t])))
+
+
+def bench_meta_step_reference(args, device):
+    n, k, q, size, t = args.n_ways, args.n_shots, args.n_queries, args.image_size, args.tasks_per_step
+    backbone = create_model("resnet12", width_mult=args.width).to(device)
+    optimizer = torch.optim.SGD(backbone.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    labels = torch.arange(n, device=device)
+    support_y, query_y = labels.repeat_interleave(k), labels.repeat_interleave(q)
+    tasks = [(torch.randn(n * k, 3, size, size, device=device), torch.randn(n * q, 3, size, size, device=device))
+             for _ in range(t)]
+
+    def step():
+        backbone.train()
+        optimizer.zero_grad()
+        loss = torch.stack([reference_meta_ls_loss(backbone(torch.cat([s, q])), support_y, query_y, n, 1e-3)
+                            for s, q in tasks]).mean()
+        if torch.isnan(loss).item():
+            return
+        loss.backward()
+        optimizer.step()
+        loss.item()  # logged every step
+
+    seconds = reference_timed(step, args)
+    return {"seconds_per_step": round(seconds / args.iters, 4), "tasks_per_s": round(args.iters * t / seconds, 3),
+            "images_per_step": t * n * (k + q), "tasks_per_step": t, "image_size": size, "width": args.width}
+
+
+def bench_supervised_reference(args, device):
+    model = build_classifier(create_model("resnet12", width_mult=args.width), args.sup_classes, rotate_aug=True)
+    model = model.to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    targets = torch.randint(0, args.sup_classes * 4, (args.batch_size,), device=device)
+
+    def step():
+        model.train()
+        logits = model(images)
+        loss = F.cross_entropy(logits, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        loss.item(), (logits.argmax(1) == targets).float().mean().item()  # logged every step
+
+    seconds = reference_timed(step, args)
+    return {"images_per_s": round(args.iters * args.batch_size / seconds, 2), "batch_size": args.batch_size,
+            "image_size": args.image_size, "width": args.width, "classes": args.sup_classes * 4}
+
+
+def reference_ratios(rows: list[dict]) -> dict | None:
+    """This project's steps against the straightforward ones, from rows of one invocation (one process each)."""
+    one = {row["bench"]: row for row in rows if row.get("nproc", 1) == 1}
+    ratios = {}
+    if "meta_step" in one and "meta_step_reference" in one:
+        ratios["meta_step_over_reference"] = round(one["meta_step"]["seconds_per_step"]
+                                                   / one["meta_step_reference"]["seconds_per_step"], 3)
+    if "supervised" in one and "supervised_reference" in one:
+        ratios["supervised_speedup"] = round(one["supervised"]["images_per_s"]
+                                             / one["supervised_reference"]["images_per_s"], 3)
+    return {"ratio": "mela_vs_reference", **ratios} if ratios else None
+
+
 def bench_features(args, session: Session):
     """Each rank extracts its share of the batches (as meta_eval does before gathering the features)."""
     model = session.prepare(create_model("resnet12", width_mult=args.width))
@@ -201,7 +299,9 @@ def main(argv=None):
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the trained model (as compile=true)")
     parser.add_argument("--rank-process", action="store_true", help=argparse.SUPPRESS)
+    baseline.add_arguments(parser)
     args = parser.parse_args(argv)
+    baseline.check_readable(args.baseline)
     if args.quick:
         args.image_size, args.width, args.iters, args.batch_size, args.feature_batch = 32, 0.25, 1, 16, 64
         args.eval_tasks = 20
@@ -215,20 +315,29 @@ def main(argv=None):
             print(json.dumps(row), flush=True)
         return
     device = torch.device(args.device)
+    rows = []
     for name in names:
         if name not in SESSION_BENCHES:
-            row = globals()[f"bench_{name}"](args, device)
-            print(json.dumps({"bench": name, "device": str(device), "threads": torch.get_num_threads(), **row}),
-                  flush=True)
+            torch.manual_seed(0)
+            row = {"bench": name, "device": str(device), "nproc": 1, "threads": torch.get_num_threads(),
+                   **globals()[f"bench_{name}"](args, device)}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
     argv = sys.argv[1:] if argv is None else list(argv)
     for nproc in (int(n) for n in args.nproc.split(",")):
         if not engine_benches:
             break
         # torchrun would take a bench's --nproc for its own --nproc-per-node: the ranks get the default, 1.
-        rows = run_session_benches(engine_benches, args) if nproc == 1 else \
-            run_in_processes(engine_benches, nproc, strip_options(argv, ("--only", "--nproc")))
-        for row in rows:
+        measured = run_session_benches(engine_benches, args) if nproc == 1 else \
+            run_in_processes(engine_benches, nproc, strip_options(argv, ("--only", "--nproc", "--save", "--baseline")))
+        for row in measured:
             print(json.dumps(row), flush=True)
+        rows += measured
+    ratios = reference_ratios(rows)
+    if ratios:
+        print(json.dumps(ratios), flush=True)
+        rows.append(ratios)
+    baseline.finish("bench_mela", rows, args)
 
 
 def strip_options(argv: list[str], options: tuple[str, ...]) -> list[str]:

@@ -10,7 +10,7 @@ data; then (3) a test pass. Methods:
   maxl_first_order the same with the finite-difference (DARTS-style) approximation of that gradient.
 """
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +29,7 @@ from engine.trainer import Phase, TrainingJob
 from methods.losses import (at_least_float32, focal_loss, gradient_cosine, negative_entropy, sample_entropy,
                             soft_target_gradient)
 from models import create_model
-from models.resnet import dropblock_schedules_paused
+from models.resnet import DropBlock, dropblock_schedules_paused
 
 # torch's forward-mode AD loads its decompositions through the deprecated torch.jit.script, once, and says so.
 warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=FutureWarning)
@@ -173,6 +173,12 @@ def _set_random_state(state, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
+def draws_masks(model: nn.Module) -> bool:
+    """Whether a training forward of `model` draws random masks (dropout or DropBlock at a non-zero rate)."""
+    return model.training and any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
+                                  or (isinstance(m, DropBlock) and m.drop_rate > 0) for m in model.modules())
+
+
 @contextmanager
 def replayed_randomness(state, device: torch.device):
     """Run the block from the random state `state` (of `_random_state`), then continue from the current one: a
@@ -205,7 +211,8 @@ def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, g
     reference; DropBlock's schedule advances once); the virtual forwards use batch statistics, leave every
     buffer untouched, and the ones that differentiate L_aux (jvp or finite difference) replay the random masks
     of the forward at theta1, so that with dropout or DropBlock in the backbone the gradient is still exact for
-    the masks drawn (the forward at theta1+ draws its own).
+    the masks drawn (the forward at theta1+ draws its own). A model without such layers (VGG-16) skips the replay
+    and its random-state copies.
 
     In a distributed run each rank holds a shard of the batch: the inner gradient, v and the batch-mean label are
     averaged across ranks and the generator gradients summed, which gives the single-process gradient on the
@@ -215,7 +222,7 @@ def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, g
     names, params = zip(*model.named_parameters())
     soft = generator(x, y)
     targets = soft.detach()
-    masks_at_theta1 = _random_state(x.device)
+    masks_at_theta1 = _random_state(x.device) if draws_masks(model) else None
     pri_logits, aux_logits = model(x)
     pre_loss = focal_loss(pri_logits.log_softmax(1), y, gamma)
     inner_grads = torch.autograd.grad(pre_loss + focal_loss(aux_logits.log_softmax(1), targets, gamma), params)
@@ -228,8 +235,10 @@ def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, g
         all_reduce_mean_(direction)
         base = {n: p.detach() for n, p in zip(names, params)}
 
+        replay = nullcontext if masks_at_theta1 is None else lambda: replayed_randomness(masks_at_theta1, x.device)
+
         def aux_target_gradient(weights):
-            with replayed_randomness(masks_at_theta1, x.device):
+            with replay():
                 return soft_target_gradient(functional_call(model, weights, (x,))[1], gamma)
 
         if first_order:

@@ -42,3 +42,51 @@ def test_bench_maxl_rows_and_ratio_to_the_reference_procedure():
     assert by_method["single"]["meta_s"] is None and by_method["maxl"]["meta_s"] > 0
     ratio = next(row for row in rows if "maxl_pair_over_reference" in row)
     assert ratio["maxl_pair_over_reference"] == round(by_method["maxl"]["pair_s"] / by_method["reference"]["pair_s"], 3)
+
+
+def test_baseline_comparison_flags_slowdowns_beyond_the_threshold():
+    from bench.baseline import better, compare
+
+    old = {"benches": {"bench_maxl": [
+        {"method": "maxl", "nproc": 1, "phase1_s": 2.0, "meta_s": 4.0, "images_per_s": 100.0, "batch_size": 100},
+        {"nproc": 1, "maxl_pair_over_reference": 0.5}]}}
+    new = [{"method": "maxl", "nproc": 1, "phase1_s": 2.1, "meta_s": 5.0, "images_per_s": 80.0, "batch_size": 50},
+           {"nproc": 1, "maxl_pair_over_reference": 0.4}, {"method": "single", "nproc": 1, "phase1_s": 1.0}]
+    assert [better(name) for name in ("seconds_per_step", "tasks_per_s_5shot", "images_per_step", "peak_mem_mb")] \
+        == ["lower", "higher", None, None]
+    assert compare("bench_maxl", new, old, slower_than=0.10) == [
+        "bench_maxl method=maxl nproc=1 phase1_s: 2.1 (baseline 2) x1.050",  # within 10%: not flagged
+        "bench_maxl method=maxl nproc=1 meta_s: 5 (baseline 4) x1.250  SLOWER",
+        "bench_maxl method=maxl nproc=1 images_per_s: 80 (baseline 100) x0.800  SLOWER",  # a rate: lower is worse
+        "bench_maxl method=maxl nproc=1: measured with other settings than the baseline (batch_size=50 vs 100)",
+        "bench_maxl nproc=1 maxl_pair_over_reference: 0.4 (baseline 0.5) x0.800",
+        "bench_maxl method=single nproc=1: not in the baseline"]
+
+
+def test_bench_saves_its_figures_and_compares_them_with_a_baseline_file(tmp_path):
+    """--save writes the bench's section; --baseline prints each figure against a hand-written file's."""
+    hand_written = tmp_path / "baseline.json"
+    hand_written.write_text(json.dumps({"machine": "elsewhere", "benches": {"bench_mela": [
+        {"bench": "meta_eval", "nproc": 1, "tasks_per_s_1shot": 1e9, "tasks_per_s_5shot": 1e-9}]}}))
+    saved = tmp_path / "figures.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_mela.py"), "--quick", "--only", "meta_eval",
+                             "--baseline", str(hand_written), "--save", str(saved)], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode == 0, result.stderr
+    row = json.loads(result.stdout.splitlines()[0])
+    lines = {line.split(":")[0]: line for line in result.stdout.splitlines()[1:]}
+    assert lines["# note"].startswith("# note: the baseline was written on elsewhere")
+    one_shot = lines["bench_mela bench=meta_eval nproc=1 tasks_per_s_1shot"]
+    assert one_shot.endswith(f"{row['tasks_per_s_1shot']:g} (baseline 1e+09) "
+                             f"x{row['tasks_per_s_1shot'] / 1e9:.3f}  SLOWER")
+    assert not lines["bench_mela bench=meta_eval nproc=1 tasks_per_s_5shot"].endswith("SLOWER")
+    assert json.loads(saved.read_text())["benches"] == {"bench_mela": [row]}
+
+
+def test_a_baseline_that_is_not_a_figures_file_is_refused_before_measuring(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_mela.py"), "--quick", "--only", "meta_eval",
+                             "--baseline", str(broken)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.startswith(f"error: --baseline {broken}: cannot be read as a figures file")

@@ -240,6 +240,22 @@ def test_forward_mode_pass_without_the_forward_masks_is_not_exact(monkeypatch):
     assert not torch.allclose(fresh_masks, expected, rtol=1e-3, atol=1e-7)
 
 
+def test_only_a_backbone_that_draws_masks_pays_for_their_replay(monkeypatch):
+    """VGG-16 (no dropout, no DropBlock) or a ResNet at drop rate 0: the meta step copies no random state."""
+    assert maxl.draws_masks(tiny_nets("resnet12")[0])
+    no_masks = create_model("multitask", backbone="resnet12", classes=[2, 5], width_mult=1 / 16, drop_rate=0.0)
+    assert not maxl.draws_masks(no_masks) and not maxl.draws_masks(tiny_nets("resnet12")[0].eval())
+    model, generator, x, y = tiny_nets("vgg16")
+    assert not maxl.draws_masks(model)
+
+    def no_copy(device):
+        raise AssertionError("the random state was copied")
+
+    monkeypatch.setattr(maxl, "_random_state", no_copy)
+    for first_order in (False, True):
+        maxl.meta_gradient(model, generator, x, y, ALPHA, ENTROPY_WEIGHT, GAMMA, first_order=first_order)
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 def test_meta_step_advances_each_dropblock_schedule_once_and_keeps_the_random_stream(first_order):
     model, generator, x, y = tiny_nets("resnet18")
