@@ -75,11 +75,21 @@ def open_session(args, scratch: str) -> Session:
     return Session(cfg, Path(scratch) / "run", Script("bench_mela", writes_checkpoints=False))
 
 
-def local_share(total: int, session: Session, flag: str) -> int:
-    if total % session.world_size:
-        raise SystemExit(f"error: {flag} {total} is not divisible by {session.world_size} processes: "
-                         f"choose a multiple of {session.world_size}")
-    return total // session.world_size
+SHARED_BATCHES = {"meta_step": "tasks_per_step", "supervised": "batch_size", "features": "feature_batch"}
+
+
+def check_shares(args, benches: list[str], nprocs: list[int]) -> None:
+    """Before anything is measured: every global batch an engine bench splits over its processes divides evenly."""
+    for name in benches:
+        total = getattr(args, SHARED_BATCHES[name])
+        for nproc in nprocs:
+            if total % nproc:
+                raise SystemExit(f"error: --{SHARED_BATCHES[name].replace('_', '-')} {total} is not divisible by "
+                                 f"{nproc} processes: choose a multiple of {nproc}")
+
+
+def local_share(total: int, session: Session) -> int:
+    return total // session.world_size  # divisible: check_shares
 
 
 def train_epoch(step, model, batches, optimizer, session: Session) -> dict:
@@ -109,7 +119,7 @@ def bench_meta_step(args, session: Session):
     backbone = session.prepare(create_model("resnet12", width_mult=args.width))
     learner = session.distribute(MetaLS(backbone, n_ways=n, lam=1e-3))
     optimizer = torch.optim.SGD(learner.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    t = local_share(args.tasks_per_step, session, "--tasks-per-step")
+    t = local_share(args.tasks_per_step, session)
     task = (torch.randn(t, n * k, 3, size, size), torch.arange(n).repeat_interleave(k).expand(t, -1),
             torch.randn(t, n * q, 3, size, size), torch.arange(n).repeat_interleave(q).expand(t, -1))
     seconds = timed_epoch(lambda steps: train_epoch(meta_train_step, learner, [task] * steps, optimizer, session),
@@ -144,7 +154,7 @@ def bench_supervised(args, session: Session):
     model = session.prepare(build_classifier(backbone, args.sup_classes, rotate_aug=True))
     train_model = session.distribute(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    b = local_share(args.batch_size, session, "--batch-size")
+    b = local_share(args.batch_size, session)
     batch = (torch.randn(b, 3, args.image_size, args.image_size), torch.randint(0, args.sup_classes * 4, (b,)))
     seconds = timed_epoch(
         lambda steps: train_epoch(supervised_train_step, train_model, [batch] * steps, optimizer, session), args,
@@ -246,7 +256,7 @@ def reference_ratios(rows: list[dict]) -> dict | None:
 def bench_features(args, session: Session):
     """Each rank extracts its share of the batches (as meta_eval does before gathering the features)."""
     model = session.prepare(create_model("resnet12", width_mult=args.width))
-    b = local_share(args.feature_batch, session, "--feature-batch")
+    b = local_share(args.feature_batch, session)
     batch = (session.to_device(torch.randn(b, 3, args.image_size, args.image_size)), torch.zeros(b, dtype=torch.long))
     seconds = timed_epoch(lambda steps: extract_features(model, [batch] * steps, session.device), args, session)
     return {"images_per_s": round(args.iters * args.feature_batch / seconds, 2), "batch_size": args.feature_batch,
@@ -310,6 +320,7 @@ def main(argv=None):
         if name not in BENCHES:
             parser.error(f"unknown bench {name}: choose from {', '.join(BENCHES)}")
     engine_benches = [name for name in names if name in SESSION_BENCHES]
+    check_shares(args, engine_benches, [int(n) for n in args.nproc.split(",")])
     if args.rank_process:
         for row in run_session_benches(engine_benches, args):
             print(json.dumps(row), flush=True)

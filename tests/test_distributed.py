@@ -92,7 +92,7 @@ def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, 
 
 
 MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_workers=0", "progress=false",
-        "test_db_size=10"]
+        "test_db_size=4"]
 
 
 def test_mela_steps_run_on_two_processes_and_meta_eval_matches_one_process(tmp_path, workspace):

@@ -5,7 +5,7 @@ from conftest import one_line_error, run_in_process
 MAXL = ["dataset=synthetic_hier", "dataset.generate.train_per_class=4", "model.width_mult=0.0625", "device=cpu",
         "num_workers=0", "progress=false", "batch_size=50", "method=single", "name=diverging"]
 MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_workers=0", "progress=false",
-        "test_db_size=10", "n_shots=1", "n_queries=2", "name=diverging"]
+        "test_db_size=4", "n_shots=1", "n_queries=2", "name=diverging"]
 
 
 def test_maxl_on_nan_stops_with_the_step_and_keeps_the_good_checkpoint(tmp_path, workspace):

@@ -9,7 +9,7 @@ from conftest import one_line_error, run_in_process
 from engine.metrics import read_metrics
 
 TINY = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_workers=0", "progress=false",
-        "test_db_size=10"]
+        "test_db_size=4"]
 TRAIN = [*TINY, "epochs=1"]
 SAVES = ("checkpoint", "label_learn", "saves")
 

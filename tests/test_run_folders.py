@@ -180,7 +180,7 @@ def test_fewer_epochs_than_a_run_has_is_refused(tmp_path, workspace):
 
 
 MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_workers=0", "progress=false",
-        "test_db_size=10", "epochs=1"]
+        "test_db_size=4", "epochs=1"]
 
 
 def test_a_mela_step_does_not_continue_from_a_changed_upstream_checkpoint(tmp_path, workspace):
