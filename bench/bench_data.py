@@ -63,8 +63,10 @@ def batched(crop_padding: int, jitter: bool, mean, std):
     return lambda images: normalise_(augmentation(images), mean, std)
 
 
-def compare_per_core(images: np.ndarray, crop_padding: int, jitter: bool, repeats: int, batch: int = 100) -> dict:
-    """Images/s in this thread of both paths on batches of `batch` images, measured alternately."""
+def compare_per_core(images: np.ndarray, crop_padding: int, jitter: bool, repeats: int, seconds: float,
+                     batch: int = 100) -> dict:
+    """Images/s in this thread of both paths on batches of `batch` images, measured alternately (each measurement
+    at least `seconds` and 3 batches)."""
     paths = {"per_image": per_image_reference(images.shape[1], crop_padding, jitter, IMAGENET_MEAN, IMAGENET_STD),
              "batched": batched(crop_padding, jitter, IMAGENET_MEAN, IMAGENET_STD)}
     rng = np.random.default_rng(0)
@@ -73,7 +75,7 @@ def compare_per_core(images: np.ndarray, crop_padding: int, jitter: bool, repeat
         for name, path in paths.items():
             chunks = 0
             began = time.perf_counter()
-            while chunks < 3 or time.perf_counter() - began < 0.3:
+            while chunks < 3 or time.perf_counter() - began < seconds:
                 path(torch.from_numpy(images[rng.integers(len(images), size=batch)]))
                 chunks += 1
             rates[name].append(chunks * batch / (time.perf_counter() - began))
@@ -121,7 +123,7 @@ def main() -> None:
                                         ("maxl", images[:, :32, :32].copy(), 4, False)):
         print(json.dumps({"bench": "augment_per_core", "pipeline": name, "image_size": data.shape[1],
                           "crop_padding": padding, "jitter": jitter, "threads": 1,
-                          **compare_per_core(data, padding, jitter, args.repeats)}), flush=True)
+                          **compare_per_core(data, padding, jitter, args.repeats, args.seconds / 10)}), flush=True)
     torch.set_num_threads(threads)
     labels = np.repeat(np.arange(64), args.images_per_class)
     common = {"num_workers": args.num_workers, "threads": torch.get_num_threads()}

@@ -42,3 +42,15 @@ def test_bench_maxl_rows_and_ratio_to_the_reference_procedure():
     assert by_method["single"]["meta_s"] is None and by_method["maxl"]["meta_s"] > 0
     ratio = next(row for row in rows if "maxl_pair_over_reference" in row)
     assert ratio["maxl_pair_over_reference"] == round(by_method["maxl"]["pair_s"] / by_method["reference"]["pair_s"], 3)
+
+
+def test_bench_data_compares_the_per_image_and_batched_augmentation():
+    rows = bench_rows("bench_data.py", "--num-workers", "0", "--seconds", "0.05", "--images-per-class", "20",
+                      "--repeats", "1")
+    compared = {row["pipeline"]: row for row in rows if row["bench"] == "augment_per_core"}
+    assert {name: row["image_size"] for name, row in compared.items()} == {"mela": 84, "maxl": 32}
+    for row in compared.values():
+        assert row["per_image_images_per_s"] > 0 and row["batched_images_per_s"] > 0
+        assert abs(row["ratio"] - row["batched_images_per_s"] / row["per_image_images_per_s"]) < 0.06
+    profile = next(row for row in rows if row["bench"] == "profile")
+    assert all(profile[f"{stage}_ms"] > 0 for stage in ("gather", "crop_flip", "float", "jitter", "normalise"))
