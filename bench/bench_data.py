@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from dataset.augment import Augmentation, color_jitter_, crop_flip, normalise_, to_float
-from dataset.fewshot import FlatDataset, ImageTransform, TaskDataset
+from dataset.augment import Augmentation, color_jitter_, crop_flip, normalise_, to_float  # noqa: E402
+from dataset.fewshot import FlatDataset, ImageTransform, TaskDataset  # noqa: E402
 
 IMAGENET_MEAN = (0.472140644, 0.4533082913, 0.4099612805)
 IMAGENET_STD = (0.2771838538, 0.2677504095, 0.2844904129)

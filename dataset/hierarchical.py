@@ -16,24 +16,9 @@ from omegaconf import OmegaConf
 from dataset import cifar100
 from dataset.augment import Augmentation, normalise_, to_float
 from dataset.catalog import AUTO
-from dataset.own_data import (
-    ARRAY_SUFFIXES,
-    CLASSES_STREAM,
-    LEVELS_CSV,
-    PER_CLASS_STREAM,
-    cap_per_class,
-    check_per_class_and_seed,
-    choose_classes,
-    find_split,
-    fit_images,
-    ids_from_values,
-    read_array_labels,
-    read_arrays,
-    read_levels_csv,
-    renumber,
-    subset_rng,
-    take,
-)
+from dataset.own_data import (ARRAY_SUFFIXES, CLASSES_STREAM, LEVELS_CSV, PER_CLASS_STREAM, cap_per_class,
+                              check_per_class_and_seed, choose_classes, find_split, fit_images, ids_from_values,
+                              read_array_labels, read_arrays, read_levels_csv, renumber, subset_rng, take)
 from dataset.safe_pickle import load_pickle
 from engine.errors import UserError
 

@@ -12,13 +12,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from engine.distributed import (
-    SeededBatches,
-    ShardedShuffleSampler,
-    ShardSampler,
-    adopt_submitit_ranks,
-    is_distributed,
-)
+from engine.distributed import SeededBatches, ShardedShuffleSampler, ShardSampler, adopt_submitit_ranks, is_distributed
 from engine.errors import UserError
 from engine.rng import seed_everything
 from engine.runs import RunLock, clear_run, decide_resume, remove_interrupted_writes

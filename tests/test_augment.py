@@ -7,13 +7,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from dataset.augment import (
-    BRIGHTNESS,
-    CONTRAST,
-    SATURATION,
-    Augmentation,
-    AugmentParams,
-)
+from dataset.augment import BRIGHTNESS, CONTRAST, SATURATION, Augmentation, AugmentParams
 
 PADDING, JITTER, DRAWS = 4, 0.4, 4000
 MELA = Augmentation(PADDING, hflip=True, jitter=JITTER)

@@ -36,13 +36,7 @@ What a MeLa script calls (`cfg.dataset` is the `dataset=<name>` config group):
 from dataset.fewshot.config import dataset_config, mela_dataset_names
 from dataset.fewshot.flat import FlatDataset
 from dataset.fewshot.sources import SubDataset, load_split, load_supervised_set
-from dataset.fewshot.tasks import (
-           FewShotTask,
-           FlatTask,
-           TaskDataset,
-           TaskMixture,
-           make_tasks,
-)
+from dataset.fewshot.tasks import FewShotTask, FlatTask, TaskDataset, TaskMixture, make_tasks
 from dataset.fewshot.transforms import ImageTransform, transform_from_config
 
 __all__ = ["dataset_config", "mela_dataset_names", "FlatDataset", "SubDataset", "load_split", "load_supervised_set",
