@@ -42,14 +42,12 @@ def resolve_threads(value, local_world_size: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
 
 
-def resolve_workers(value, data_on_device: bool, local_world_size: int) -> int:
-    """`auto`: none when the images are on the training device (the main process gathers and augments them
-    there); else the cores this process may use shared by the processes of this node, one left to the main
-    process, between 1 and MAX_AUTO_WORKERS (never more than the cores, which DataLoader warns about)."""
+def resolve_workers(value, local_world_size: int) -> int:
+    """`auto`, for images on the CPU: the cores this process may use shared by the processes of this node, one
+    left to the main process, between 1 and MAX_AUTO_WORKERS (never more than the cores, which DataLoader warns
+    about)."""
     if value != "auto":
         return int(value)
-    if data_on_device:
-        return 0
     cores = len(os.sched_getaffinity(0)) // max(1, local_world_size)
     return min(MAX_AUTO_WORKERS, max(1, cores - 1))
 
@@ -231,7 +229,9 @@ class Session:
             dataset = SeededBatches(dataset)
         else:
             sampler = ShardSampler(len(dataset), self.rank, self.world_size)
-        workers = resolve_workers(self.cfg.num_workers, on_device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        # Images on the GPU are gathered and augmented in the main process: a worker process cannot use them.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = 0 if on_device else resolve_workers(self.cfg.num_workers, local_processes)
         return torch.utils.data.DataLoader(
             dataset, batch_size=local_batch, sampler=sampler, drop_last=drop_last, num_workers=workers,
             pin_memory=self.device.type == "cuda" and not on_device, worker_init_fn=_quiet_worker if workers else None,
@@ -239,9 +239,12 @@ class Session:
 
     def _images_on_device(self, dataset) -> tuple[object, bool]:
         """(`dataset` with its images on the training GPU, True) when data_device lets them be there (auto: when
-        they fit in data_device_memory_share of its free memory), else (`dataset`, False)."""
+        they fit in data_device_memory_share of its free memory and num_workers does not ask for worker
+        processes), else (`dataset`, False)."""
         wanted = self.cfg.get("data_device", "auto")
         if self.device.type != "cuda" or wanted == "cpu" or not hasattr(dataset, "images_on"):
+            return dataset, False
+        if wanted == "auto" and self.cfg.num_workers not in ("auto", 0):
             return dataset, False
         size, free = dataset.image_bytes(), torch.cuda.mem_get_info(self.device)[0]
         share = float(self.cfg.get("data_device_memory_share", 0.5))

@@ -306,8 +306,9 @@ class EngineSettings:
                                   neutral=True)
     data_device: str = setting("auto", OneOf(("auto", "cpu", "cuda")),
                                "where the training images are kept, gathered and augmented. auto: on the CUDA GPU "
-                               "the model trains on when they fit in data_device_memory_share of its free memory, "
-                               "else on the CPU (loader workers, pinned batches); cuda: on the GPU in any case",
+                               "the model trains on when they fit in data_device_memory_share of its free memory "
+                               "and num_workers is auto or 0, else on the CPU (loader workers, pinned batches); "
+                               "cuda: on the GPU in any case (no workers)",
                                neutral=True)
     data_device_memory_share: float = setting(0.5, Number(above=0, below=1),
                                               "data_device=auto: the share of the GPU's free memory the uint8 "

@@ -47,13 +47,12 @@ def test_image_dataset_with_moved_images_gives_the_same_batches():
     assert expected[2].tolist() == [5, 0, 39] and torch.equal(expected[1], torch.as_tensor(targets[[5, 0, 39]]))
 
 
-@pytest.mark.parametrize("cores, processes, on_device, expected", [
-    (2, 1, False, 1), (16, 1, False, MAX_AUTO_WORKERS), (16, 2, False, 7), (2, 4, False, 1), (16, 1, True, 0)])
-def test_auto_workers_follow_the_usable_cores(monkeypatch, cores, processes, on_device, expected):
+@pytest.mark.parametrize("cores, processes, expected", [(2, 1, 1), (16, 1, MAX_AUTO_WORKERS), (16, 2, 7), (2, 4, 1)])
+def test_auto_workers_follow_the_usable_cores(monkeypatch, cores, processes, expected):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
-    workers = resolve_workers("auto", on_device, processes)
+    workers = resolve_workers("auto", processes)
     assert workers == expected and workers <= cores  # DataLoader warns above the usable cores
-    assert resolve_workers(3, on_device, processes) == 3
+    assert resolve_workers(3, processes) == 3
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")

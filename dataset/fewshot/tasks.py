@@ -16,8 +16,8 @@ Two samplers:
   The log says "using T of P tasks".
 `make_tasks` (what the scripts call with `train_db_size`) reads db_size=None as the whole partition with
 no_replacement, and as DEFAULT_RANDOM_TASKS (2800, the original's train_db_size) random tasks without it.
-Augmentation inside task i draws from a generator seeded by (seed, epoch, i), not from the worker's RNG, so tasks are the same for
-any number of loader workers and a resumed run replays them exactly. `set_epoch(epoch)` before each epoch is what
+Augmentation inside task i draws from a generator seeded by (seed, epoch, i), not from the worker's RNG, so tasks
+are the same for any number of loader workers and a resumed run replays them exactly. `set_epoch(epoch)` before each epoch is what
 makes non-fixed tasks and augmentation change between epochs: for a loader from `session.loader` the engine does
 it (session.fit calls `session.set_epoch` before every epoch); iterating outside the engine, call it yourself.
 
