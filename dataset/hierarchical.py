@@ -14,6 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dataset import cifar100
+from dataset.augment import Augmentation, normalise_, to_float
 from dataset.catalog import AUTO
 from dataset.own_data import (ARRAY_SUFFIXES, CLASSES_STREAM, LEVELS_CSV, PER_CLASS_STREAM, cap_per_class,
                               check_per_class_and_seed, choose_classes, find_split, fit_images, ids_from_values,
@@ -54,31 +55,38 @@ class HierarchicalData:
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """uint8 HWC images held once in memory; `__getitem__` gives (transformed image, targets[i], i)."""
+    """uint8 HWC images held once in memory (or on the training device: `images_on`); a DataLoader fetches a
+    batch at once (`__getitems__`: one gather, one batched augmentation, where the images are) as
+    (image, targets[i], i) items. `augmentation` None: no augmentation (the test set)."""
 
-    def __init__(self, images: np.ndarray, targets: np.ndarray, transform):
-        self.images = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    def __init__(self, images, targets, mean, std, augmentation: Augmentation | None):
+        self.images = torch.as_tensor(np.ascontiguousarray(images)) if isinstance(images, np.ndarray) else images
         self.targets = torch.as_tensor(targets)
-        self.transform = transform
+        self.mean, self.std, self.augmentation = tuple(mean), tuple(std), augmentation
 
     def __len__(self):
         return len(self.images)
 
+    def __getitems__(self, indices):
+        """Augmentation draws from torch's default CPU generator, which the engine seeds per batch."""
+        images = self.images[torch.as_tensor(indices, device=self.images.device)]
+        x = normalise_(self.augmentation(images) if self.augmentation else to_float(images), self.mean, self.std)
+        return [(x[b], self.targets[i], i) for b, i in enumerate(indices)]
+
     def __getitem__(self, index):
-        return self.transform(self.images[index]), self.targets[index], index
+        return self.__getitems__([index])[0]
+
+    def image_bytes(self) -> int:
+        return self.images.nbytes
+
+    def images_on(self, device: torch.device) -> "ImageDataset":
+        return ImageDataset(self.images.to(device), self.targets, self.mean, self.std, self.augmentation)
 
 
-def image_transform(dataset_cfg, image_size: int, train: bool):
-    """Training: RandomCrop(size, padding) [+ horizontal flip]; both: to float in [0,1], then Normalize."""
-    from torchvision.transforms import v2  # imported when first needed: scripts start faster
-
-    steps = []
-    if train:
-        steps.append(v2.RandomCrop(image_size, padding=int(dataset_cfg.crop_padding)))
-        if dataset_cfg.hflip:
-            steps.append(v2.RandomHorizontalFlip())
-    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(dataset_cfg.mean), list(dataset_cfg.std))]
-    return v2.Compose(steps)
+def image_dataset(images: np.ndarray, targets: np.ndarray, dataset_cfg, train: bool) -> ImageDataset:
+    """Normalised with the dataset's mean and std; training: RandomCrop(size, padding) [+ horizontal flip]."""
+    augmentation = Augmentation(int(dataset_cfg.crop_padding), bool(dataset_cfg.hflip)) if train else None
+    return ImageDataset(images, targets, list(dataset_cfg.mean), list(dataset_cfg.std), augmentation)
 
 
 # ---- the built-in sources: (train images, train labels, test images, test labels) ----------------------------

@@ -17,7 +17,7 @@ from engine.errors import UserError
 from engine.rng import seed_everything
 from engine.runs import RunLock, clear_run, decide_resume, remove_interrupted_writes
 from engine.script import Script
-from engine.settings import is_folder_name
+from engine.settings import MAX_AUTO_WORKERS, is_folder_name
 from engine.workspace import DEFAULT_WORKSPACE
 
 log = logging.getLogger("metalabel")
@@ -42,10 +42,23 @@ def resolve_threads(value, local_world_size: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
 
 
+def resolve_workers(value, local_world_size: int) -> int:
+    """`auto`, for images on the CPU: the cores this process may use shared by the processes of this node, one
+    left to the main process, between 1 and MAX_AUTO_WORKERS (never more than the cores, which DataLoader warns
+    about)."""
+    if value != "auto":
+        return int(value)
+    cores = len(os.sched_getaffinity(0)) // max(1, local_world_size)
+    return min(MAX_AUTO_WORKERS, max(1, cores - 1))
+
+
 # The values of device, precision and compile were checked (engine/settings.py) before the session starts.
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("device=cuda but no CUDA GPU is visible: use device=cpu or device=auto")
+def resolve_device(name: str, local_rank: int, data_device: str = "auto") -> torch.device:
+    if "cuda" in (name, data_device) and not torch.cuda.is_available():
+        key = "device" if name == "cuda" else "data_device"
+        raise UserError(f"{key}=cuda but no CUDA GPU is visible: use {key}=cpu or {key}=auto")
+    if data_device == "cuda" and name == "cpu":
+        raise UserError("data_device=cuda but the model trains on the CPU (device=cpu): use data_device=auto")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
@@ -89,7 +102,7 @@ class Session:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = resolve_device(self.cfg.device, self.local_rank)
+        self.device = resolve_device(self.cfg.device, self.local_rank, self.cfg.get("data_device", "auto"))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
@@ -198,12 +211,15 @@ class Session:
         """A DataLoader over this rank's share of `dataset`. `batch_size` is the global batch (split over ranks).
 
         Shuffled loaders draw a fresh permutation on every pass, seeded by (seed, epoch, pass), identical on every
-        rank; augmentation follows the seeded RNG of each worker. Datasets with `set_epoch` are told the epoch.
+        rank; augmentation draws from the CPU generator seeded per batch. Datasets with `set_epoch` are told the
+        epoch; datasets with `images_on` keep their uint8 images on the training GPU when `data_device` lets them
+        (then batches are gathered and augmented there, in the main process).
         """
         if batch_size % self.world_size:
             raise UserError(f"batch size {batch_size} is not divisible by the {self.world_size} processes: "
                             f"choose a multiple of {self.world_size}")
         local_batch = batch_size // self.world_size
+        dataset, on_device = self._images_on_device(dataset)
         if hasattr(dataset, "set_epoch"):
             self._epoch_listeners.append(dataset)
         if shuffle:
@@ -213,11 +229,30 @@ class Session:
             dataset = SeededBatches(dataset)
         else:
             sampler = ShardSampler(len(dataset), self.rank, self.world_size)
-        workers = int(self.cfg.num_workers)
+        # Images on the GPU are gathered and augmented in the main process: a worker process cannot use them.
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        workers = 0 if on_device else resolve_workers(self.cfg.num_workers, local_processes)
         return torch.utils.data.DataLoader(
             dataset, batch_size=local_batch, sampler=sampler, drop_last=drop_last, num_workers=workers,
-            pin_memory=self.device.type == "cuda", worker_init_fn=_quiet_worker if workers else None,
+            pin_memory=self.device.type == "cuda" and not on_device, worker_init_fn=_quiet_worker if workers else None,
             persistent_workers=False, generator=torch.Generator(), **kwargs)
+
+    def _images_on_device(self, dataset) -> tuple[object, bool]:
+        """(`dataset` with its images on the training GPU, True) when data_device lets them be there (auto: when
+        they fit in data_device_memory_share of its free memory and num_workers does not ask for worker
+        processes), else (`dataset`, False)."""
+        wanted = self.cfg.get("data_device", "auto")
+        if self.device.type != "cuda" or wanted == "cpu" or not hasattr(dataset, "images_on"):
+            return dataset, False
+        if wanted == "auto" and self.cfg.num_workers not in ("auto", 0):
+            return dataset, False
+        size, free = dataset.image_bytes(), torch.cuda.mem_get_info(self.device)[0]
+        share = float(self.cfg.get("data_device_memory_share", 0.5))
+        if wanted == "auto" and size > share * free:
+            log.info(f"data: {size / 2**20:.0f} MiB of images exceed data_device_memory_share={share:g} of the "
+                     f"GPU's {free / 2**20:.0f} MiB free: kept on the CPU, batches loaded by workers")
+            return dataset, False
+        return dataset.images_on(self.device), True
 
     def set_epoch(self, epoch: int) -> None:
         for listener in self._epoch_listeners:

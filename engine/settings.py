@@ -102,6 +102,8 @@ class Number(Rule):
     def describe(self) -> str:
         if self.minimum is not None and self.below is not None:
             return f"a number in [{self.minimum:g}, {self.below:g})"
+        if self.above is not None and self.below is not None:
+            return f"a number in ({self.above:g}, {self.below:g})"
         bounds = [f">= {self.minimum:g}" if self.minimum is not None else "",
                   f"> {self.above:g}" if self.above is not None else "",
                   f"< {self.below:g}" if self.below is not None else ""]
@@ -220,6 +222,7 @@ POSITIVE_INT = Integer(1)
 POSITIVE = Number(above=0)
 NON_NEGATIVE = Number(minimum=0)
 RUN_NAME = Text("a run name", plain=True)
+MAX_AUTO_WORKERS = 8  # num_workers=auto: batched augmentation runs at thousands of images/s per core (bench_data)
 
 
 # ---- declarations -------------------------------------------------------------------------------------------
@@ -295,8 +298,21 @@ class EngineSettings:
                                       "epoch ends, and on SIGTERM/SIGUSR1/SIGINT)", neutral=True)
     lock_stale_hours: float = setting(24, POSITIVE, "a run lock held by another host for longer than this is "
                                       "taken over (same host: dead pid)", neutral=True)
-    num_workers: int = setting(4, Integer(0), "data-loader worker processes (0: load in the main process)",
+    # The data loader's keys (engine/session.py Session.loader).
+    num_workers: object = setting("auto", AnyOf((OneOf(("auto",)), Integer(0))),
+                                  "data-loader worker processes (0: load in the main process; auto: 0 when the "
+                                  "images are on the training device, else the usable cores / processes on this "
+                                  f"node, minus one for the main process, between 1 and {MAX_AUTO_WORKERS})",
+                                  neutral=True)
+    data_device: str = setting("auto", OneOf(("auto", "cpu", "cuda")),
+                               "where the training images are kept, gathered and augmented. auto: on the CUDA GPU "
+                               "the model trains on when they fit in data_device_memory_share of its free memory "
+                               "and num_workers is auto or 0, else on the CPU (loader workers, pinned batches); "
+                               "cuda: on the GPU in any case (no workers)",
                                neutral=True)
+    data_device_memory_share: float = setting(0.5, Number(above=0, below=1),
+                                              "data_device=auto: the share of the GPU's free memory the uint8 "
+                                              "images of one loader may take", neutral=True)
     threads: object = setting("auto", AnyOf((OneOf(("auto",)), POSITIVE_INT)),
                               "torch threads per process (auto: $OMP_NUM_THREADS if set, else the usable cores / "
                               "processes on this node)", neutral=True)

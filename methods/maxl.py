@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch.func import functional_call, jvp
 
 from dataset.catalog import AUXILIARY_LEVEL, PRIMARY_LEVEL
-from dataset.hierarchical import HierarchicalData, ImageDataset, image_transform
+from dataset.hierarchical import HierarchicalData, ImageDataset, image_dataset
 from engine.distributed import all_reduce_mean_, all_reduce_sum_, gather_shards, is_distributed
 from engine.errors import UserError
 from engine.metrics import MeanTracker
@@ -338,7 +338,7 @@ class MaxlJob(TrainingJob):
         aux_target = auxiliary.get(self.method, lambda: none)()
         true_aux = labels[:, self.task.auxiliary_column] if self.task.auxiliary_column is not None else none
         targets = np.stack([labels[:, self.task.primary_column], aux_target, true_aux], axis=1)
-        return ImageDataset(images, targets, image_transform(self.cfg.dataset, images.shape[1], train))
+        return image_dataset(images, targets, self.cfg.dataset, train)
 
     def state_objects(self) -> dict:
         objects = {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}

@@ -90,3 +90,15 @@ def test_a_baseline_that_is_not_a_figures_file_is_refused_before_measuring(tmp_p
                              "--baseline", str(broken)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and result.stdout == ""
     assert result.stderr.startswith(f"error: --baseline {broken}: cannot be read as a figures file")
+
+
+def test_bench_data_compares_the_per_image_and_batched_augmentation():
+    rows = bench_rows("bench_data.py", "--num-workers", "0", "--seconds", "0.05", "--images-per-class", "20",
+                      "--repeats", "1")
+    compared = {row["pipeline"]: row for row in rows if row["bench"] == "augment_per_core"}
+    assert {name: row["image_size"] for name, row in compared.items()} == {"mela": 84, "maxl": 32}
+    for row in compared.values():
+        assert row["per_image_images_per_s"] > 0 and row["batched_images_per_s"] > 0
+        assert abs(row["ratio"] - row["batched_images_per_s"] / row["per_image_images_per_s"]) < 0.06
+    profile = next(row for row in rows if row["bench"] == "profile")
+    assert all(profile[f"{stage}_ms"] > 0 for stage in ("gather", "crop_flip", "float", "jitter", "normalise"))

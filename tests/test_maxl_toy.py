@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import methods.maxl as maxl
-from dataset.hierarchical import HierarchicalData, image_transform
+from dataset.augment import normalise_, to_float
+from dataset.hierarchical import HierarchicalData
 from engine import Session, compose
 from methods.scripts import SCRIPTS
 
@@ -54,9 +55,8 @@ def final_accuracy(method: str, seed: int, tmp_path) -> float:
     cfg = compose(SCRIPTS["maxl_train"], [f"{k}={v}" for k, v in settings.items()])
     job = maxl.MaxlJob(cfg, data, Session(cfg, tmp_path / method / str(seed),
                                           replace(SCRIPTS["maxl_train"], writes_checkpoints=False)))
-    transform = image_transform(cfg.dataset, SIZE, train=False)  # no augmentation: crop padding 0, no flip
-    x_train, x_test = (transform(torch.from_numpy(images).permute(0, 3, 1, 2))
-                       for images in (data.train_images, data.test_images))
+    x_train, x_test = (normalise_(to_float(torch.from_numpy(images)), list(cfg.dataset.mean), list(cfg.dataset.std))
+                       for images in (data.train_images, data.test_images))  # no augmentation
     labels = data.train_labels
     aux = job.task.human_targets(labels) if method == "human" else np.full(len(labels), -1)
     targets = torch.as_tensor(np.stack([labels[:, 0], aux, labels[:, 1]], 1))

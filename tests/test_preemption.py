@@ -17,9 +17,10 @@ from engine.errors import RunInterrupted
 from engine.metrics import NOT_COMPARED, read_metrics
 
 MAXL = ["dataset=synthetic_hier", "dataset.generate.train_per_class=4", "model.width_mult=0.0625", "device=cpu",
-        "progress=false", "batch_size=50", "cossim_every=3", "method=maxl", "num_workers=1"]
+        "progress=false", "batch_size=50", "cossim_every=3", "method=maxl", "num_workers=1",
+        "data_device=cpu"]
 MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_workers=0", "progress=false",
-        "test_db_size=4"]
+        "test_db_size=4", "data_device=cpu"]
 SCRIPTS = {
     "maxl_train": ("maxl", MAXL),
     "learn_meta_repr": ("label_learn/saves", [*MELA, "n_shots=1", "n_queries=2"]),

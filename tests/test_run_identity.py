@@ -59,7 +59,8 @@ def test_the_hash_is_stable_and_depends_only_on_the_changes():
 
 # The settings runs were always named without: a change here renames existing runs.
 NEUTRAL = {"resume", "overwrite", "epochs", "progress", "device", "num_workers", "workspace", "data_dir",
-           "checkpoint_dir", "compile", "threads", "checkpoint_every", "lock_stale_hours"}
+           "checkpoint_dir", "compile", "threads", "checkpoint_every", "lock_stale_hours", "data_device",
+           "data_device_memory_share"}
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS))

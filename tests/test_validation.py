@@ -88,7 +88,7 @@ def test_hier_file_levels_are_read_from_its_labels(tmp_path):
     ("maxl_train", ["epochs=abc"], "epochs=abc: epochs must be an integer >= 1"),
     ("maxl_train", ["epochs=2.5"], "epochs=2.5: epochs must be an integer >= 1"),
     ("maxl_train", ["batch_size=0"], "batch_size=0: batch_size must be an integer >= 1"),
-    ("maxl_train", ["num_workers=-1"], "num_workers=-1: num_workers must be an integer >= 0"),
+    ("maxl_train", ["num_workers=-1"], "num_workers=-1: num_workers must be auto or an integer >= 0"),
     ("maxl_train", ["method=maxxl"],
      "method=maxxl: method must be one of single, human, random, maxl, maxl_first_order"),
     ("maxl_train", ["model.width_mult=0"], "model.width_mult=0: model.width_mult must be a number > 0"),

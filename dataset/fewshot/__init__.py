@@ -20,7 +20,8 @@ What a MeLa script calls (`cfg.dataset` is the `dataset=<name>` config group):
 - `FlatDataset`: `ds[i] -> (image [3, H, W] float normalised, label, i)`; `.labels` (numpy int64, from 0),
   `.n_cls`, `.images` (uint8 [N, H, W, 3], loaded once or memory-mapped), `.load(indices) -> (x, y)` for a
   batch, `.targets()` (labels of every item, rotated copies included), `.with_options(augment=, rotate=)`
-  (the same arrays, another transform). With rotate the set is 4N long: item i is image i % N turned by
+  (the same arrays, another transform), `.images_on(device)` (the images a tensor there: the engine's loader
+  does it for the GPU, see `data_device`). With rotate the set is 4N long: item i is image i % N turned by
   90 * (i // N) degrees with label `label + n_cls * (i // N)`.
 - `make_tasks(subsets, *, n_ways, n_shots, n_queries, shape, no_replacement, fixed_db, db_size, seed)
   -> TaskMixture` (a ConcatDataset of one `TaskDataset` per sub-dataset, with `set_epoch`); semantics in

@@ -1,8 +1,9 @@
 """The flat (image, label) dataset every MeLa step reads: training batches, feature extraction, task sampling.
 
-Images stay uint8 [N, H, W, 3] as loaded (a memory map for the large npy files); the transform runs on the
-gathered batch. `__getitems__` lets a DataLoader fetch a whole batch with one gather and one batched
-normalisation; augmentation draws from torch's global RNG, which the engine seeds per loader worker.
+Images stay uint8 [N, H, W, 3] as loaded (a memory map for the large npy files), or a tensor on the training
+device (`images_on`); the transform runs on the gathered batch, where the images are. `__getitems__` lets a
+DataLoader fetch a whole batch with one gather and one batched augmentation; augmentation draws from torch's
+default CPU generator, which the engine seeds per batch (engine/distributed.py SeededBatches).
 """
 import dataclasses
 
@@ -52,13 +53,17 @@ class FlatDataset(torch.utils.data.Dataset):
             return self.labels
         return np.concatenate([self.labels + np.asarray(self.n_cls) * k for k in range(ROTATIONS)])
 
-    def load(self, indices, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Items `indices` as one batch: images [B, 3, H, W] float (transformed, into `out` if given), labels [B]
-        (or [B, L])."""
+    def load(self, indices, out: torch.Tensor | None = None,
+             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items `indices` as one batch: images [B, 3, H, W] float on the images' device (transformed, into `out`
+        if given, augmented from `generator`), labels [B] (or [B, L])."""
         indices = np.asarray(indices, dtype=np.int64)
         rotations, base = np.divmod(indices, len(self.labels))
-        images = torch.from_numpy(np.ascontiguousarray(self.images[base]))
-        x = self.transform(images, rotations if self.rotate else None, out)
+        if isinstance(self.images, torch.Tensor):
+            images = self.images[torch.from_numpy(base).to(self.images.device)]
+        else:
+            images = torch.from_numpy(np.ascontiguousarray(self.images[base]))
+        x = self.transform(images, rotations if self.rotate else None, out, generator)
         labels = self.labels[base]
         if self.rotate:
             labels = labels + np.multiply.outer(rotations, np.asarray(self.n_cls))
@@ -70,6 +75,14 @@ class FlatDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return self.__getitems__([index])[0]
+
+    def image_bytes(self) -> int:
+        return self.images.nbytes
+
+    def images_on(self, device: torch.device) -> "FlatDataset":
+        """The same dataset with its images a tensor on `device` (batches are then gathered and augmented there)."""
+        images = torch.from_numpy(np.ascontiguousarray(self.images)).to(device)
+        return FlatDataset(images, self.labels, self.transform, self.rotate, self.name)
 
     def with_options(self, augment: bool | None = None, rotate: bool | None = None) -> "FlatDataset":
         """The same images and labels (not copied) with augmentation and/or rotation switched."""

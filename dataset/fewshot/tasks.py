@@ -16,8 +16,8 @@ Two samplers:
   The log says "using T of P tasks".
 `make_tasks` (what the scripts call with `train_db_size`) reads db_size=None as the whole partition with
 no_replacement, and as DEFAULT_RANDOM_TASKS (2800, the original's train_db_size) random tasks without it.
-Augmentation inside task i draws from (seed, epoch, i), not from the worker's RNG, so tasks are the same for
-any number of loader workers and a resumed run replays them exactly. `set_epoch(epoch)` before each epoch is what
+Augmentation inside task i draws from a generator seeded by (seed, epoch, i), not from the worker's RNG, so tasks
+are the same for any number of loader workers and a resumed run replays them exactly. `set_epoch(epoch)` before each epoch is what
 makes non-fixed tasks and augmentation change between epochs: for a loader from `session.loader` the engine does
 it (session.fit calls `session.set_epoch` before every epoch); iterating outside the engine, call it yourself.
 
@@ -27,6 +27,7 @@ the original's leading dimension of 1. A plain `DataLoader(tasks, batch_size=Non
 tasks one by one, without that axis.
 If the flat dataset rotates (rotate_aug), its rotated copies are classes of their own, label + n_cls * k.
 """
+import copy
 import logging
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -193,10 +194,8 @@ class TaskDataset(torch.utils.data.Dataset):
         else:
             order = np.concatenate([indices[:, :k].reshape(-1), indices[:, k:].reshape(-1)])
         _, height, width, channels = self.flat.images.shape
-        augmentation_seed = int(self._rng(_AUGMENTATION, self.epoch, index).integers(2**63))
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(augmentation_seed)
-            x, y = self.flat.load(order, out=_batch_buffer((len(order), channels, height, width)))
+        augmentation = torch.Generator().manual_seed(int(self._rng(_AUGMENTATION, self.epoch, index).integers(2**63)))
+        x, y = self.flat.load(order, out=_batch_buffer((len(order), channels, height, width)), generator=augmentation)
         indices = torch.from_numpy(indices)
         if self.shape == "flat":
             return FlatTask(x, y, torch.from_numpy(classes), indices)
@@ -205,12 +204,21 @@ class TaskDataset(torch.utils.data.Dataset):
                            query_y=local.repeat_interleave(self.n_queries), support_idx=indices[:, :k],
                            query_idx=indices[:, k:])
 
+    def image_bytes(self) -> int:
+        return self.flat.image_bytes()
 
-def _batch_buffer(shape) -> torch.Tensor:
-    """The tensor a task is written into: in a DataLoader worker, shared memory, which the loader then passes to
-    the main process as is (a task of 100 float images is 8.5 MB; the default path copies it once more)."""
-    buffer = torch.empty(shape)
-    return buffer.share_memory_() if torch.utils.data.get_worker_info() is not None else buffer
+    def images_on(self, device: torch.device) -> "TaskDataset":
+        """The same tasks with the flat dataset's images on `device`."""
+        moved = copy.copy(self)
+        moved.flat = self.flat.images_on(device)
+        return moved
+
+
+def _batch_buffer(shape) -> torch.Tensor | None:
+    """The tensor a task is written into in a DataLoader worker: shared memory, which the loader then passes to
+    the main process as is (a task of 100 float images is 8.5 MB; the default path copies it once more). None in
+    the main process: the task is made where the images are."""
+    return torch.empty(shape).share_memory_() if torch.utils.data.get_worker_info() is not None else None
 
 
 class TaskMixture(torch.utils.data.ConcatDataset):
@@ -224,6 +232,12 @@ class TaskMixture(torch.utils.data.ConcatDataset):
         for part in self.datasets:
             part.set_epoch(epoch)
         self.cumulative_sizes = self.cumsum(self.datasets)  # no-replacement passes may change length per epoch
+
+    def image_bytes(self) -> int:
+        return sum(part.image_bytes() for part in self.datasets)
+
+    def images_on(self, device: torch.device) -> "TaskMixture":
+        return TaskMixture({name: part.images_on(device) for name, part in zip(self.names, self.datasets)})
 
 
 def make_tasks(subsets, *, n_ways: int, n_shots: int, n_queries: int, shape: str = "few_shot",
