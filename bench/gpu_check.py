@@ -217,8 +217,9 @@ class Sizes:
 
     @property
     def labeler_tasks(self) -> int:
-        """Twice the tasks whose keys initialise the K centroids."""
-        return 2 * self.labeler_k // N_WAYS
+        """Four times the tasks whose keys initialise the K centroids: enough hits for more than n_ways centroids to
+        survive the first pruning (with n_ways left, every task hits all of them and the next pass prunes all)."""
+        return 4 * self.labeler_k // N_WAYS
 
     @property
     def labeler_batch(self) -> int:
@@ -289,8 +290,10 @@ def plan(variants: list[str], device: str, sizes: Sizes, data: dict, num_workers
         mela = [*common, *data["mela"], f"test_db_size={sizes.eval_tasks}"]
         train = [*mela, "epochs=1"]
         tasks = [f"train_db_size={sizes.steps}", "no_replacement=false", "tasks_per_step=1"]
+        # std_factor=10: the labeler keeps its centroids on these few generated images (pruning is not what is
+        # checked here), whatever the augmentation's draws
         labeler = [f"K={sizes.labeler_k}", f"train_db_size={sizes.labeler_tasks}", "no_replacement=false",
-                   f"batch_size={sizes.labeler_batch}"]
+                   f"batch_size={sizes.labeler_batch}", "std_factor=10"]
         runs += [ScriptRun("learn_meta_repr", variant, "", [*train, *tasks], sizes.steps),
                  ScriptRun("learn_labeler", variant, "", [*train, *labeler], sizes.steps, fewer_allowed=True),
                  ScriptRun("fine_tune", variant, "", [*train, *tasks], sizes.steps),

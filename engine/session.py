@@ -53,7 +53,7 @@ def resolve_workers(value, local_world_size: int) -> int:
 
 
 # The values of device, precision and compile were checked (engine/settings.py) before the session starts.
-def resolve_device(name: str, local_rank: int, data_device: str = "auto") -> torch.device:
+def resolve_device(name: str, local_rank: int, data_device: str) -> torch.device:
     if "cuda" in (name, data_device) and not torch.cuda.is_available():
         key = "device" if name == "cuda" else "data_device"
         raise UserError(f"{key}=cuda but no CUDA GPU is visible: use {key}=cpu or {key}=auto")
@@ -102,7 +102,7 @@ class Session:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.device = resolve_device(self.cfg.device, self.local_rank, self.cfg.get("data_device", "auto"))
+        self.device = resolve_device(self.cfg.device, self.local_rank, self.cfg.data_device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
@@ -241,13 +241,13 @@ class Session:
         """(`dataset` with its images on the training GPU, True) when data_device lets them be there (auto: when
         they fit in data_device_memory_share of its free memory and num_workers does not ask for worker
         processes), else (`dataset`, False)."""
-        wanted = self.cfg.get("data_device", "auto")
+        wanted = self.cfg.data_device
         if self.device.type != "cuda" or wanted == "cpu" or not hasattr(dataset, "images_on"):
             return dataset, False
         if wanted == "auto" and self.cfg.num_workers not in ("auto", 0):
             return dataset, False
         size, free = dataset.image_bytes(), torch.cuda.mem_get_info(self.device)[0]
-        share = float(self.cfg.get("data_device_memory_share", 0.5))
+        share = float(self.cfg.data_device_memory_share)
         if wanted == "auto" and size > share * free:
             log.info(f"data: {size / 2**20:.0f} MiB of images exceed data_device_memory_share={share:g} of the "
                      f"GPU's {free / 2**20:.0f} MiB free: kept on the CPU, batches loaded by workers")

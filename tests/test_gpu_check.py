@@ -116,6 +116,7 @@ def test_every_variant_trains_every_script_and_starts_from_the_fp32_chain(gpu_ch
 
 
 def test_make_gpu_check_passes_its_arguments_on():
-    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "gpu_check", "GPU_CHECK_ARGS=--device cpu --steps 5"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "-o", ".venv/.installed", "gpu_check",
+                          "GPU_CHECK_ARGS=--device cpu --steps 5"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
     assert dry.strip() == ".venv/bin/python bench/gpu_check.py --device cpu --steps 5"
