@@ -98,6 +98,14 @@ def color_jitter_(x: torch.Tensor, factors: torch.Tensor, orders: torch.Tensor) 
     return x
 
 
+def to_normalised(images: torch.Tensor, mean, std, augmentation: Augmentation | None = None,
+                  generator: torch.Generator | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [B, H, W, C] -> normalised float [B, C, H, W] (in `out` if given), augmented first when `augmentation`
+    is given (drawing from `generator`): what every training and test batch goes through."""
+    x = augmentation(images, generator, out) if augmentation else to_float(images, out)
+    return normalise_(x, mean, std)
+
+
 def normalise_(x: torch.Tensor, mean, std) -> torch.Tensor:
     """(x - mean) / std per channel of float [B, C, H, W], in place (torchvision's Normalize)."""
     mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from dataset import cifar100
-from dataset.augment import Augmentation, normalise_, to_float
+from dataset.augment import Augmentation, to_normalised
 from dataset.catalog import AUTO
 from dataset.own_data import (ARRAY_SUFFIXES, CLASSES_STREAM, LEVELS_CSV, PER_CLASS_STREAM, cap_per_class,
                               check_per_class_and_seed, choose_classes, find_split, fit_images, ids_from_values,
@@ -70,7 +70,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices):
         """Augmentation draws from torch's default CPU generator, which the engine seeds per batch."""
         images = self.images[torch.as_tensor(indices, device=self.images.device)]
-        x = normalise_(self.augmentation(images) if self.augmentation else to_float(images), self.mean, self.std)
+        x = to_normalised(images, self.mean, self.std, self.augmentation)
         return [(x[b], self.targets[i], i) for b, i in enumerate(indices)]
 
     def __getitem__(self, index):

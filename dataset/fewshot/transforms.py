@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dataset.augment import Augmentation, normalise_, to_float
+from dataset.augment import Augmentation, to_normalised
 from engine.settings import Boolean, setting
 
 JITTER = 0.4  # brightness, contrast and saturation strength of the original's ColorJitter
@@ -45,11 +45,9 @@ class ImageTransform:
                  generator: torch.Generator | None = None) -> torch.Tensor:
         """`images` [B, H, W, 3] uint8 -> [B, 3, H, W] float32 (written into `out` if given), on the images'
         device; `rotations` [B] in 0..3 turns image b by 90 * k degrees. Augmentation draws from `generator`."""
-        if self.augment:
-            x = Augmentation(self.crop_padding, self.hflip, JITTER)(images, generator, out)
-        else:
-            x = to_float(images, out)
-        normalise_(x, self.mean, self.std)  # before the turns: per channel, so the same values
+        augmentation = Augmentation(self.crop_padding, self.hflip, JITTER) if self.augment else None
+        # normalised before the turns: per channel, so the same values
+        x = to_normalised(images, self.mean, self.std, augmentation, generator, out)
         if rotations is not None:
             rotations = torch.as_tensor(rotations, device=x.device)
             for k in (1, 2, 3):
