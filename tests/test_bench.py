@@ -102,3 +102,20 @@ def test_bench_data_compares_the_per_image_and_batched_augmentation():
         assert abs(row["ratio"] - row["batched_images_per_s"] / row["per_image_images_per_s"]) < 0.06
     profile = next(row for row in rows if row["bench"] == "profile")
     assert all(profile[f"{stage}_ms"] > 0 for stage in ("gather", "crop_flip", "float", "jitter", "normalise"))
+
+
+def test_bench_commits_times_this_tree_and_a_commit_alternately_in_one_process():
+    worktrees = subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout
+    rows = bench_rows("bench_commits.py", "HEAD", "--rounds", "2", "--width", "0.0625", "--batch-size", "4")
+    assert [row["step"] for row in rows] == ["phase1", "meta"]
+    for row in rows:
+        assert row["HEAD_s"] > 0 and row["this_s"] > 0 and len(row["per_round"]) == 2
+    # the commit's temporary worktree is gone again
+    assert subprocess.run(["git", "-C", str(ROOT), "worktree", "list"], capture_output=True, text=True).stdout == worktrees
+
+
+def test_bench_commits_refuses_an_unknown_commit_in_one_line():
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_commits.py"), "no-such-commit"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: no-such-commit: cannot be checked out") and "Traceback" not in result.stderr
