@@ -14,10 +14,11 @@ MELA = Augmentation(PADDING, hflip=True, jitter=JITTER)
 ADJUST = {BRIGHTNESS: F.adjust_brightness, CONTRAST: F.adjust_contrast, SATURATION: F.adjust_saturation}
 
 
-def per_image_reference(image: torch.Tensor, params: AugmentParams, b: int, jitter: bool) -> torch.Tensor:
+def per_image_reference(image: torch.Tensor, params: AugmentParams, b: int, jitter: bool,
+                        padding: int = PADDING) -> torch.Tensor:
     """torchvision v2, one image [H, W, C] uint8: RandomCrop's pad and crop, flip, ToDtype, ColorJitter's steps."""
     h, w = image.shape[:2]
-    x = F.pad(image.permute(2, 0, 1), [PADDING], fill=0)
+    x = F.pad(image.permute(2, 0, 1), [padding], fill=0)
     x = F.crop(x, int(params.offsets[b, 0]), int(params.offsets[b, 1]), h, w)
     if params.flips[b]:
         x = F.horizontal_flip(x)
@@ -38,6 +39,15 @@ def test_crop_and_flip_equal_torchvision_exactly(images):
     assert params.flips.any() and not params.flips.all() and (params.offsets == 0).any()
     expected = torch.stack([per_image_reference(image, params, b, jitter=False) for b, image in enumerate(images)])
     assert torch.equal(crop_flip.apply(images, params), expected)
+
+
+@pytest.mark.parametrize("padding, batch", [(0, 24), (1, 1), (13, 5)])  # 13: wider than the image
+def test_crop_and_flip_equal_torchvision_for_any_padding_and_batch(images, padding, batch):
+    crop_flip = Augmentation(padding, hflip=True)
+    params = crop_flip.draw(batch, torch.Generator().manual_seed(padding))
+    expected = torch.stack([per_image_reference(image, params, b, jitter=False, padding=padding)
+                            for b, image in enumerate(images[:batch])])
+    assert torch.equal(crop_flip.apply(images[:batch], params), expected)
 
 
 def test_colour_jitter_equals_torchvision_to_float_rounding(images):
