@@ -45,18 +45,19 @@ class MetricsWriter:
         counted from 1 on the x axis (metrics.csv counts them from 0). A baseline (`..._trivial`, `..._chance`) is
         drawn dashed in its metric's panel, an interval (`..._ci95`) as a band around its metric; a column that never
         changes gets no panel, and is named in the figure's footer instead."""
-        import matplotlib.pyplot as plt
-
         fig = self.figure()
         if fig is None:
             return None
+        import matplotlib.pyplot as plt
+
         fig.savefig(self.plot_path, dpi=100)
         plt.close(fig)
         return self.plot_path
 
     def figure(self):
-        """curves.png's figure (None without rows)."""
-        if not self.history:
+        """curves.png's figure; None before the second epoch (one point per metric is no curve: metrics.csv and the
+        log hold it)."""
+        if len(self.history) < 2:
             return None
         import matplotlib
 

@@ -30,7 +30,7 @@ def test_each_method_trains_one_epoch_in_a_multirun_that_survives_a_failing_job(
     for i, (method, run) in enumerate(zip(METHODS, runs)):
         assert run.name.startswith(f"{i}_{method}_synthetic_hier_20-100_vgg16_w0.0625_s0_")
     for method, run in zip(METHODS, runs):
-        assert (run / "config.yaml").is_file() and (run / "curves.png").stat().st_size > 0
+        assert (run / "config.yaml").is_file() and not (run / "curves.png").exists()  # one epoch: no curve
         log = (run / "maxl_train.log").read_text()
         assert log.count("summary:") == 1 and "epoch 1/1 (0:" in log and "elapsed, ETA 0:00:00)" in log
         assert list((run / "tensorboard" / "hparams").glob("events.out.tfevents.*"))  # settings in HPARAMS

@@ -57,3 +57,10 @@ def test_curves_draw_what_changes_with_its_baselines_and_bands_from_epoch_1(tmp_
     plt.close(fig)
     assert writer.plot() == tmp_path / "curves.png"
     writer.close()
+
+
+def test_one_epoch_draws_no_curves(tmp_path):
+    writer = MetricsWriter(tmp_path)
+    writer.write(row(0))
+    assert writer.figure() is None and writer.plot() is None and not (tmp_path / "curves.png").exists()
+    writer.close()

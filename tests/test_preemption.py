@@ -113,6 +113,7 @@ def test_sigterm_then_the_same_command_equals_an_uninterrupted_run(runs, script)
 
     assert rows(final["history"]) == rows(reference["history"]) and len(final["history"]) == 2
     straight_metrics = read_metrics(next(run["logs"].glob("straight_*/*/metrics.csv")))
+    assert next(run["logs"].glob("straight_*/*/curves.png")).read_bytes()[:4] == b"\x89PNG"  # two epochs: curves
     assert rows(read_metrics(run["continued_metrics"])) == rows(straight_metrics)
     if run["extended"] is not None:  # epochs=3: the same run (name) goes on from its last epoch
         assert run["extended"].returncode == 0, run["extended"].stderr
