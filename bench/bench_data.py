@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from any directory
 
-from dataset.augment import Augmentation, color_jitter_, crop_flip, normalise_, to_float  # noqa: E402
+from dataset.augment import Augmentation, color_jitter_, crop_flip, normalise_, to_float, to_normalised  # noqa: E402
 from dataset.fewshot import FlatDataset, ImageTransform, TaskDataset  # noqa: E402
 
 IMAGENET_MEAN = (0.472140644, 0.4533082913, 0.4099612805)
@@ -60,7 +60,7 @@ def per_image_reference(size: int, crop_padding: int, jitter: bool, mean, std):
 
 def batched(crop_padding: int, jitter: bool, mean, std):
     augmentation = Augmentation(crop_padding, hflip=True, jitter=0.4 if jitter else 0.0)
-    return lambda images: normalise_(augmentation(images), mean, std)
+    return lambda images: to_normalised(images, mean, std, augmentation)
 
 
 def compare_per_core(images: np.ndarray, crop_padding: int, jitter: bool, repeats: int, seconds: float,

@@ -39,7 +39,7 @@ def resolve_threads(value, local_world_size: int) -> int:
         return int(value)
     if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
         return int(os.environ["OMP_NUM_THREADS"])
-    return max(1, len(os.sched_getaffinity(0)) // max(1, local_world_size))
+    return max(1, cores_per_process(local_world_size))
 
 
 def resolve_workers(value, local_world_size: int) -> int:
@@ -48,8 +48,12 @@ def resolve_workers(value, local_world_size: int) -> int:
     about)."""
     if value != "auto":
         return int(value)
-    cores = len(os.sched_getaffinity(0)) // max(1, local_world_size)
-    return min(MAX_AUTO_WORKERS, max(1, cores - 1))
+    return min(MAX_AUTO_WORKERS, max(1, cores_per_process(local_world_size) - 1))
+
+
+def cores_per_process(local_world_size: int) -> int:
+    """The cores this process may use, shared by the `local_world_size` processes of this node."""
+    return len(os.sched_getaffinity(0)) // max(1, local_world_size)
 
 
 # The values of device, precision and compile were checked (engine/settings.py) before the session starts.
