@@ -108,13 +108,13 @@ def profile(flat: FlatDataset, tasks: TaskDataset, repeats: int = 20) -> dict[st
     return stages
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=5.0, help="measuring time per figure")
     parser.add_argument("--images-per-class", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=5, help="alternate measurements of each path (medians)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (64 * args.images_per_class, 84, 84, 3), dtype=np.uint8)
     threads = torch.get_num_threads()

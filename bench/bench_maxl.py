@@ -142,7 +142,7 @@ def measure(method: str, args, scratch: str) -> dict:
     return result if job.session.is_main else None
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description="MAXL iteration benchmark")
     parser.add_argument("--methods", default="single,human,maxl,maxl_first_order,reference")
     parser.add_argument("--batch-size", type=int, default=100)
@@ -155,7 +155,7 @@ def main():
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     baseline.add_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     baseline.check_readable(args.baseline)
     if args.one:
         with tempfile.TemporaryDirectory(prefix="bench_maxl_") as scratch:

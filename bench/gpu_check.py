@@ -92,6 +92,8 @@ def _child(path: Path, argv: list[str], cwd: Path, env: dict, output: Path, prob
     handle = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(handle, 1)
     os.dup2(handle, 2)
+    # streams of its own on those: not the parent's, which may hold unwritten output or be replaced (a caller's capture)
+    sys.stdout = sys.stderr = open(handle, "w", buffering=1, closefd=False)
     os.environ.update(env)
     os.chdir(cwd)
     sys.argv = [str(path), *argv]

@@ -1,5 +1,5 @@
-"""Run by torchrun in tests/test_distributed.py: each rank computes MAXL's meta-gradient on its half of a
-batch (BN-free, float64) and saves it to OUT/rank{r}.pt."""
+"""On two ranks (tests/test_distributed.py forks them; `torchrun --nproc-per-node 2` runs it too): each rank
+computes MAXL's meta-gradient on its half of a batch (BN-free, float64) and saves it to OUT/rank{r}.pt."""
 import sys
 from pathlib import Path
 

@@ -197,7 +197,8 @@ def test_mela_cifar_preset_at_toy_scale(data_dir, tmp_path, workspace, studies_i
     of each step, the table."""
     study = tmp_path / "study"
     args = [*TOY, f"data_dir={data_dir}", "test_db_size=5", "n_queries=5", "batch_size=50",
-            "learn_labeler:no_replacement=false", "learn_labeler:train_db_size=60", "learn_labeler:std_factor=10",
+            "learn_labeler:no_replacement=false", "learn_labeler:train_db_size=60", "learn_labeler:n_queries=2",
+            "learn_labeler:std_factor=10",
             "learn_labeler:sup_rotate_aug=false", "sup_baseline:rotate_aug=false"]
     variables = dict(STUDY_DIR=study, NAME="toy", SEEDS="0",
                      ARGS=" ".join([*args, "learn_labeler:K=30"]))  # 64 classes in 60 random tasks: K=10 prunes to nothing

@@ -1,4 +1,6 @@
-"""Several processes on CPU (gloo): the result equals one process on the same global batch."""
+"""Several processes on CPU (gloo): the result equals one process on the same global batch. The ranks are forked
+from the test's process (`run_ranks`) where what they compute is the point; torchrun runs the MAXL run it stops
+with SIGTERM and continues (the signal passed on to the ranks is torchrun's)."""
 import json
 import os
 import subprocess
@@ -6,24 +8,20 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_in_process
+from conftest import ROOT, run_in_process, run_ranks, script_main
 from test_preemption import interrupt_in_second_epoch
 from tests_distributed_data import batch_and_nets
 
 import methods.maxl as maxl
 from engine.metrics import NOT_COMPARED, read_metrics
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port"]
-
-
-def torchrun(args, cwd, workspace, port):
-    env = dict(os.environ, WORKSPACE=str(workspace), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([*TORCHRUN, str(port), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=300)
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613"]
 
 
 def test_two_process_meta_gradient_equals_one_process_on_the_whole_batch(tmp_path):
-    result = torchrun([str(ROOT / "tests" / "distributed_meta_worker.py"), str(tmp_path)], ROOT, tmp_path, 29611)
+    from distributed_meta_worker import main
+
+    result = run_ranks(lambda: main(tmp_path), port=29611, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for first_order in (False, True):
@@ -34,12 +32,10 @@ def test_two_process_meta_gradient_equals_one_process_on_the_whole_batch(tmp_pat
                 assert torch.allclose(got, want, rtol=1e-9, atol=1e-15)
 
 
-RUN = ["method=maxl", "dataset=synthetic_hier", "dataset.generate.train_per_class=4",
+RUN = ["method=maxl", "dataset=synthetic_hier", "dataset.generate.train_per_class=2",
        "dataset.crop_padding=0", "dataset.hflip=false", "model.width_mult=0.0625", "model.batch_norm=false",
-       "device=cpu", "num_workers=0", "progress=false", "batch_size=40", "cossim_every=4"]
+       "device=cpu", "num_workers=0", "progress=false", "batch_size=20", "cossim_every=4"]
 
-
-SCRIPT = str(ROOT / "maxl_train.py")
 
 
 def final_state(workspace, name):
@@ -57,7 +53,8 @@ def comparable(rows):
 def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, workspace):
     one = run_in_process("maxl_train.py", *RUN, "epochs=2", "name=one", cwd=tmp_path, workspace=workspace)
     assert one.returncode == 0, one.stderr
-    two = torchrun([SCRIPT, *RUN, "epochs=2", "name=two"], tmp_path, workspace, 29612)
+    two = run_ranks(script_main("maxl_train.py", *RUN, "epochs=2", "name=two"), port=29612, cwd=tmp_path,
+                    env={"WORKSPACE": str(workspace)})
     assert two.returncode == 0, two.stderr[-3000:]
     # one run directory, written by rank 0 alone
     [run_dir] = (tmp_path / "logs" / "maxl_train" / "two").iterdir()
@@ -76,12 +73,15 @@ def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, 
 
     # SIGTERM to torchrun in the second epoch (it passes the signal to both ranks), then the same command
     env = dict(os.environ, WORKSPACE=str(workspace), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    args = [*TORCHRUN, "29613", SCRIPT, *RUN, "epochs=2", "name=resumed"]
-    status, output = interrupt_in_second_epoch(args, tmp_path, env)
+    torchrun = subprocess.Popen([*TORCHRUN, str(ROOT / "maxl_train.py"), *RUN, "epochs=2", "name=resumed",
+                                 "checkpoint_every=0.0001"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+    _, output = interrupt_in_second_epoch(torchrun)
     assert "interrupted by SIGTERM at epoch 2/2 step " in output, output[-3000:]
     assert final_state(workspace, "resumed")["position"]["epoch"] == 1
-    args[len(TORCHRUN)] = "29614"
-    second = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    # the same command continues it: its ranks forked here (what they compute is the point now, not torchrun)
+    second = run_ranks(script_main("maxl_train.py", *RUN, "epochs=2", "name=resumed"), port=29614, cwd=tmp_path,
+                       env={"WORKSPACE": str(workspace)})
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed at epoch 2/2 step " in second.stderr
     assert comparable(run_metrics(tmp_path, "resumed")) == comparable(run_metrics(tmp_path, "two"))
@@ -98,10 +98,11 @@ MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_wor
 def test_mela_steps_run_on_two_processes_and_meta_eval_matches_one_process(tmp_path, workspace):
     steps = [("learn_meta_repr", ["epochs=1", "tasks_per_step=2", "name=lmr"]),
              ("learn_labeler", ["epochs=1", "name=ll", "pretrained_labeler=lmr", "K=20", "no_replacement=false",
-                                "train_db_size=20", "batch_size=50"]),
+                                "train_db_size=20", "batch_size=50", "sup_rotate_aug=false"]),
              ("meta_eval", ["pretrained_model=ll", "hydra.run.dir=two"])]
     for port, (script, args) in enumerate(steps, start=29621):
-        result = torchrun([str(ROOT / f"{script}.py"), *MELA, *args], tmp_path, workspace, port)
+        result = run_ranks(script_main(f"{script}.py", *MELA, *args), port=port, cwd=tmp_path,
+                           env={"WORKSPACE": str(workspace)})
         assert result.returncode == 0, result.stderr[-3000:]
     labeler_log = next((tmp_path / "logs" / "learn_labeler" / "ll").glob("*/learn_labeler.log")).read_text()
     assert "2 processes" in labeler_log and "clusters for 10 true classes" in labeler_log

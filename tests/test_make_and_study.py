@@ -4,10 +4,9 @@ the environment, so nothing a user writes in ARGS moves the study's outputs."""
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_in_process
 
 from tools import study
 
@@ -68,12 +67,11 @@ def test_the_demos_continue_finished_runs_instead_of_training_them_again(tmp_pat
     commands = dry_run(ROOT, "-o", ".venv/.installed", "demo")
     assert "overwrite" not in commands and "tools.pipeline --dataset digits --name demo" in commands
     demo = [a for a in make_variable("DEMO_MAXL").split() if not a.startswith(("epochs=", "model.width_mult="))]
-    args = [sys.executable, str(ROOT / "maxl_train.py"), "method=single", *demo, "epochs=1", "model.width_mult=0.125",
-            "threads=1", "hydra.run.dir=logs/demo/maxl/single"]
-    env = dict(os.environ, WORKSPACE=str(tmp_path / "workspace"), PYTHONWARNINGS="ignore")
-    first = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    args = ["method=single", *demo, "epochs=1", "model.width_mult=0.125", "threads=1",
+            "hydra.run.dir=logs/demo/maxl/single"]
+    first = run_in_process("maxl_train.py", *args, cwd=tmp_path, workspace=tmp_path / "workspace")
     assert first.returncode == 0, first.stderr
-    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    again = run_in_process("maxl_train.py", *args, cwd=tmp_path, workspace=tmp_path / "workspace")
     assert again.returncode == 0, again.stderr
     assert "resumed after epoch 1, the last of 1" in again.stdout + again.stderr
     assert "epoch 1/1" not in again.stdout + again.stderr  # nothing trained

@@ -3,43 +3,43 @@ ends with the same weights and metrics as an uninterrupted run, for every traini
 inside each of MAXL's two phases."""
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_in_process
+from conftest import Forked, run_in_process, script_main
 
 from engine.errors import RunInterrupted
 from engine.metrics import NOT_COMPARED, read_metrics
 
-MAXL = ["dataset=synthetic_hier", "dataset.generate.train_per_class=4", "model.width_mult=0.0625", "device=cpu",
-        "progress=false", "batch_size=50", "cossim_every=3", "method=maxl", "num_workers=1",
+MAXL = ["dataset=synthetic_hier", "dataset.generate.train_per_class=2", "model.width_mult=0.0625", "device=cpu",
+        "progress=false", "batch_size=25", "cossim_every=3", "method=maxl", "num_workers=1",
         "data_device=cpu"]
-MELA = ["dataset=synthetic_fs", "model.width_mult=0.125", "device=cpu", "num_workers=0", "progress=false",
-        "test_db_size=4", "data_device=cpu"]
+MELA = ["dataset=synthetic_fs", "dataset.generate.images_per_class=10", "model.width_mult=0.125", "device=cpu",
+        "num_workers=0", "progress=false", "test_db_size=4", "n_queries=5", "data_device=cpu"]
 SCRIPTS = {
     "maxl_train": ("maxl", MAXL),
-    "learn_meta_repr": ("label_learn/saves", [*MELA, "n_shots=1", "n_queries=2"]),
+    # 20 tasks an epoch: steps enough for the signal to land inside the second
+    "learn_meta_repr": ("label_learn/saves", [*MELA, "n_shots=1", "n_queries=2", "no_replacement=false",
+                                              "train_db_size=20"]),
     "learn_labeler": ("label_learn/saves", [*MELA, "pretrained_labeler=straight_learn_meta_repr", "K=20",
-                                            "no_replacement=false", "train_db_size=20", "batch_size=25",
+                                            "no_replacement=false", "train_db_size=10", "batch_size=25",
                                             "sup_rotate_aug=false"]),
-    "sup_baseline": ("label_learn/saves", [*MELA, "batch_size=50"]),
+    "sup_baseline": ("label_learn/saves", [*MELA, "batch_size=25"]),
 }
 
 
 def command(script, *overrides):
-    return [sys.executable, str(ROOT / f"{script}.py"), *SCRIPTS[script][1], "epochs=2", *overrides]
+    """The script and its arguments, as after `python`."""
+    return [f"{script}.py", *SCRIPTS[script][1], "epochs=2", *overrides]
 
 
-def interrupt_in_second_epoch(args, cwd, env) -> tuple[int, str]:
-    """Start a run with a checkpoint every few ms (`checkpoint_every`), send SIGTERM once a checkpoint shows the run
-    inside its second epoch, and return (exit status, output)."""
-    process = subprocess.Popen([*args, "checkpoint_every=0.0001"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+def interrupt_in_second_epoch(process) -> tuple[int, str]:
+    """Given a started run that checkpoints every few ms (`checkpoint_every=0.0001`; a `subprocess.Popen` with its
+    output in `stdout`, or a `Forked`), send it SIGTERM once a checkpoint shows it inside its second epoch, and
+    return (exit status, output)."""
     output, watcher = [], None
 
     def signal_once_inside_epoch_1(last):
@@ -70,20 +70,22 @@ def runs(tmp_path_factory):
     done = {}
     for script in SCRIPTS:
         # The interrupted run needs a process of its own (it gets the signal); the others run in this one.
-        straight = run_in_process(*command(script, f"name=straight_{script}")[1:], cwd=root,
+        straight = run_in_process(*command(script, f"name=straight_{script}"), cwd=root,
                                   workspace=root / "workspace")
         assert straight.returncode == 0, straight.stderr
-        status, output = interrupt_in_second_epoch(command(script), root, env)
+        # a process forked from this one: it gets the signal, without a new interpreter's imports
+        status, output = interrupt_in_second_epoch(Forked(script_main(*command(script, "checkpoint_every=0.0001")),
+                                                          cwd=root, env=env))
         run_name = next(line.split()[1] for line in output.splitlines() if line.startswith("run: "))
         folder = root / "workspace" / "checkpoint" / SCRIPTS[script][0] / run_name
         leftover = folder / f".last.pt.tmp{2**22 + 17}"  # what a write killed by SIGKILL leaves
         leftover.write_bytes(b"partial")
-        continued = run_in_process(*command(script)[1:], cwd=root, workspace=root / "workspace")
+        continued = run_in_process(*command(script), cwd=root, workspace=root / "workspace")
         final = torch.load(folder / "last.pt", weights_only=True)
         continued_metrics = sorted((root / "logs" / script).glob(f"{run_name}/*/metrics.csv"))[-1]
         extended = None
         if script == "maxl_train":  # the same run extended by an epoch: epochs is not part of its name
-            extended = run_in_process(*command(script)[1:], "epochs=3", cwd=root, workspace=root / "workspace")
+            extended = run_in_process(*command(script), "epochs=3", cwd=root, workspace=root / "workspace")
         done[script] = dict(status=status, output=output, continued=continued, extended=extended, folder=folder,
                             leftover=leftover, final=final, continued_metrics=continued_metrics,
                             straight=root / "workspace" / "checkpoint" / SCRIPTS[script][0] / f"straight_{script}",
