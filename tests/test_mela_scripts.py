@@ -27,7 +27,7 @@ def chain(tmp_path_factory):
     steps = {
         "learn_meta_repr": [*TRAIN, "name=lmr"],
         "learn_labeler": [*TRAIN, "name=ll", "pretrained_labeler=lmr", "K=20", "no_replacement=false",
-                          "train_db_size=20", "batch_size=50", "sup_rotate_aug=false"],
+                          "train_db_size=20", "n_queries=5", "batch_size=50", "sup_rotate_aug=false"],
         "fine_tune": [*TRAIN, "name=ft", "pretrained_model=ll"],
         "sup_baseline": [*TRAIN, "name=sb", "batch_size=50"],
     }

@@ -158,9 +158,19 @@ def maxl_fit(tmp_path, name, stop_at=None):
         session.close()
 
 
+@pytest.fixture(scope="module")
+def straight_fit(tmp_path_factory):
+    """The uninterrupted fit both stops are compared with: its summary and its final weights."""
+    root = tmp_path_factory.mktemp("straight_fit")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("WORKSPACE", str(root / "workspace"))
+        summary, job = maxl_fit(root, "straight")
+    return summary, {module: getattr(job, module).state_dict() for module in ("model", "generator")}
+
+
 @pytest.mark.parametrize("stop_at", [(0, "multi-task", 2), (1, "meta", 3)])
-def test_a_stop_inside_either_maxl_phase_continues_exactly(stop_at, tmp_path, workspace):
-    expected, reference = maxl_fit(tmp_path, "straight")
+def test_a_stop_inside_either_maxl_phase_continues_exactly(stop_at, straight_fit, tmp_path, workspace):
+    expected, reference = straight_fit
     with pytest.raises(RunInterrupted) as stopped:
         maxl_fit(tmp_path, "stopped", stop_at)
     assert stopped.value.exit_status == 128 + signal.SIGTERM
@@ -169,6 +179,6 @@ def test_a_stop_inside_either_maxl_phase_continues_exactly(stop_at, tmp_path, wo
     assert payload["position"]["phase_name"] == stop_at[1] and payload["position"]["step"] == stop_at[2] + 1
     summary, job = maxl_fit(tmp_path, "stopped")
     assert summary == expected
-    for module in ("model", "generator"):
-        for key, value in getattr(reference, module).state_dict().items():
+    for module, weights in reference.items():
+        for key, value in weights.items():
             assert torch.equal(value, getattr(job, module).state_dict()[key]), (module, key)

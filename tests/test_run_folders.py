@@ -188,7 +188,7 @@ def test_a_mela_step_does_not_continue_from_a_changed_upstream_checkpoint(tmp_pa
         return run_in_process(script, *MELA, *overrides, cwd=tmp_path, workspace=workspace)
 
     assert run("learn_meta_repr.py", "name=up", "n_shots=1", "n_queries=2").returncode == 0
-    labeler = ["name=down", "pretrained_labeler=up", "K=20", "no_replacement=false", "train_db_size=20",
+    labeler = ["name=down", "pretrained_labeler=up", "K=20", "no_replacement=false", "train_db_size=20", "n_queries=5",
                "batch_size=25", "sup_rotate_aug=false"]
     assert run("learn_labeler.py", *labeler).returncode == 0
     folder = workspace / "checkpoint" / "label_learn" / "saves" / "down"
