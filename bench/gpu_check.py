@@ -122,7 +122,7 @@ class ForkedRun:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        context = multiprocessing.get_context("fork")
+        context = multiprocessing.get_context("fork")  # this process keeps to one thread: see main
         self.began = time.perf_counter()
         self.process = context.Process(target=_child, args=(self.path, self.argv, self.folder, self.env, self.output,
                                                             self.folder / "probe.json"))
@@ -626,6 +626,9 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="workspace_", dir=args.out)).absolute()
     for module in PRELOAD:
         importlib.import_module(module)
+    # One thread here: a process that has run OpenMP on several threads cannot be forked safely (its children hang
+    # in libgomp); each run sets its own threads.
+    sys.modules["torch"].set_num_threads(1)
     info = device_info(work / "device", BUDGET["setup"] * args.time_scale)
     if args.device == "cuda" and not info["cuda"]:
         print("error: --device cuda: no CUDA GPU is visible; run it on a GPU machine, or with --device cpu",

@@ -1,8 +1,8 @@
 import importlib
+import multiprocessing
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -71,94 +71,102 @@ def run_in_process(script: str, *overrides: str, cwd: Path, workspace: Path):
     return subprocess.CompletedProcess([script, *overrides], code, out.getvalue(), err.getvalue())
 
 
+# What a forked process would otherwise import itself (most of a script's start-up)
+PRELOAD = ("torch", "torch._dynamo", "torch.func", "torch.utils.tensorboard", "hydra", "sklearn.metrics",
+           "sklearn.linear_model", "engine.entry", "dataset.hierarchical", "methods.scripts", "methods.maxl",
+           "methods.mela_jobs", "methods.label_inference")
+
+
+def _forked(target, args: tuple, env: dict, cwd: Path | None, output: Path) -> None:
+    """In the forked process: its output into `output`, then `target(*args)`; its return value the exit status."""
+    handle = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(handle, 1)
+    os.dup2(handle, 2)
+    sys.stdout = sys.stderr = open(handle, "w", buffering=1, closefd=False)
+    os.environ.update(env)
+    if cwd is not None:
+        os.chdir(cwd)
+    sys.exit(target(*args) or 0)
+
+
 class Forked:
-    """`target()` in a process forked from this one: a real process (its own pid, signals, exit status) that starts
-    with torch and the project already imported, so without the seconds a new interpreter spends importing them.
-    `stdout` streams its output (stdout and stderr together); `poll`, `wait` and `send_signal` as `subprocess.Popen`.
-    `target` returns the exit status or raises SystemExit; an exception's traceback goes to the output, status 1."""
+    """`target(*args)` in a real process (its own pid, signals, exit status) forked from one that has imported torch
+    and the project (this one, or a fork server), so without the seconds a new interpreter spends importing them.
+    `stdout` yields its output (stdout and stderr together) line by line as it is written; `poll`, `wait` and
+    `send_signal` as `subprocess.Popen`. An exception's traceback goes to the output, exit status 1."""
 
-    def __init__(self, target, *, env: dict | None = None, cwd: Path | None = None):
-        read, write = os.pipe()
-        self.pid = os.fork()
-        if self.pid == 0:  # the child: never returns into pytest
-            status = 1
-            try:
-                os.close(read)
-                os.dup2(write, 1)
-                os.dup2(write, 2)
-                sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
-                os.environ.update(env or {})
-                if cwd is not None:
-                    os.chdir(cwd)
-                try:
-                    status = target() or 0
-                except SystemExit as exit_:
-                    status = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
-            except BaseException:
-                import traceback
+    context = None
 
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                os._exit(status)
-        os.close(write)
-        self.stdout = os.fdopen(read, "r")
-        self.returncode = None
+    def __init__(self, target, *args, env: dict | None = None, cwd: Path | None = None, output: Path):
+        if Forked.context is None:
+            # A process that has run OpenMP on several threads cannot be forked safely (the child hangs in libgomp):
+            # with one thread for the whole session (make test) fork this process, else a server that has imported
+            # PRELOAD and computed nothing.
+            one_thread = os.environ.get("OMP_NUM_THREADS") == "1"
+            Forked.context = multiprocessing.get_context("fork" if one_thread else "forkserver")
+            if not one_thread:
+                Forked.context.set_forkserver_preload(list(PRELOAD))
+        self.output = output
+        self.process = Forked.context.Process(target=_forked, args=(target, args, env or {}, cwd, output))
+        self.process.start()
+
+    @property
+    def stdout(self):
+        """Its output's lines, as they come, until it has ended."""
+        while not self.output.exists() and self.poll() is None:
+            time.sleep(0.02)
+        with open(self.output) as stream:
+            pending = ""
+            while True:
+                ended = self.poll() is not None  # before reading: nothing written after it is missed
+                pending += stream.read()
+                *lines, pending = pending.split("\n")
+                yield from (line + "\n" for line in lines)
+                if ended:
+                    if pending:
+                        yield pending
+                    return
+                time.sleep(0.02)
 
     def poll(self) -> int | None:
-        if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
-            if pid:
-                self.returncode = os.waitstatus_to_exitcode(status)
-        return self.returncode
+        return self.process.exitcode
 
     def send_signal(self, signum: int) -> None:
-        os.kill(self.pid, signum)
+        os.kill(self.process.pid, signum)
 
     def wait(self, timeout: float = 300) -> int:
-        deadline = time.monotonic() + timeout
-        while self.poll() is None:
-            if time.monotonic() > deadline:
-                os.kill(self.pid, 9)
-                raise subprocess.TimeoutExpired(str(self.pid), timeout)
-            time.sleep(0.02)
-        return self.returncode
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            raise subprocess.TimeoutExpired(str(self.process.pid), timeout)
+        return self.process.exitcode
 
     def communicate(self, timeout: float = 300) -> tuple[int, str]:
-        """Its whole output and its exit status, once it has ended."""
-        output = self.stdout.read()
-        self.stdout.close()
-        return self.wait(timeout), output
+        """Its exit status and its whole output, once it has ended."""
+        status = self.wait(timeout)
+        return status, self.output.read_text() if self.output.exists() else ""
 
 
-def script_main(script: str, *overrides: str):
+def run_script_main(script: str, *overrides: str) -> None:
     """A target for `Forked`: the top-level script with these command-line arguments, as `python SCRIPT ...` runs."""
-    def run():
-        if str(ROOT) not in sys.path:
-            sys.path.insert(0, str(ROOT))
-        sys.argv = [str(ROOT / script), *overrides]
-        importlib.import_module(Path(script).stem).main()
-    return run
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    sys.argv = [str(ROOT / script), *overrides]
+    importlib.import_module(Path(script).stem).main()
 
 
-def run_ranks(target, *, ranks: int = 2, port: int, cwd: Path, env: dict | None = None):
-    """`target` on `ranks` forked processes with the variables torchrun gives each rank (RANK, WORLD_SIZE,
-    LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the ranks' results without torchrun's process and
-    each rank's imports. For tests whose point is what the ranks compute; torchrun itself is run where it is the
-    point (signals passed on to the ranks, the benches). The highest exit status; stdout rank 0's output, stderr
-    every rank's."""
-    processes = [Forked(target, cwd=cwd, env={**(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                              "WORLD_SIZE": str(ranks), "LOCAL_WORLD_SIZE": str(ranks),
-                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                              "OMP_NUM_THREADS": "1"})
+def run_ranks(target, *args, ranks: int = 2, port: int, cwd: Path, env: dict | None = None):
+    """`target(*args)` on `ranks` forked processes (`Forked`) with the variables torchrun gives each rank (RANK,
+    WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT): the ranks' results without torchrun's
+    process and each rank's imports. For tests whose point is what the ranks compute; torchrun itself is run where
+    it is the point (signals passed on to the ranks, the benches). The highest exit status; stdout rank 0's output,
+    stderr every rank's."""
+    processes = [Forked(target, *args, cwd=cwd, output=cwd / f".rank{rank}_{port}.out",
+                        env={**(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(ranks),
+                             "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                             "OMP_NUM_THREADS": "1"})
                  for rank in range(ranks)]
-    outputs = [None] * ranks
-    readers = [threading.Thread(target=lambda r=r: outputs.__setitem__(r, processes[r].communicate()))
-               for r in range(ranks)]
-    for reader in readers:
-        reader.start()
-    for reader in readers:
-        reader.join()
+    outputs = [process.communicate() for process in processes]
     return subprocess.CompletedProcess(["ranks", str(ranks)], max(status for status, _ in outputs), outputs[0][1],
                                        "".join(f"[rank {r}]\n{out}" for r, (_, out) in enumerate(outputs)))
 

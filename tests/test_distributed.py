@@ -1,6 +1,6 @@
-"""Several processes on CPU (gloo): the result equals one process on the same global batch. The ranks are forked
-from the test's process (`run_ranks`) where what they compute is the point; torchrun runs the MAXL run it stops
-with SIGTERM and continues (the signal passed on to the ranks is torchrun's)."""
+"""Several processes on CPU (gloo): the result equals one process on the same global batch. Where what the ranks
+compute is the point, they are forked processes with torchrun's variables (tests/conftest.py: `run_ranks`);
+torchrun runs the MAXL run that is stopped with SIGTERM (the signal passed on to the ranks is torchrun's)."""
 import json
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, run_in_process, run_ranks, script_main
+from conftest import ROOT, run_in_process, run_ranks, run_script_main
 from test_preemption import interrupt_in_second_epoch
 from tests_distributed_data import batch_and_nets
 
@@ -21,7 +21,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "
 def test_two_process_meta_gradient_equals_one_process_on_the_whole_batch(tmp_path):
     from distributed_meta_worker import main
 
-    result = run_ranks(lambda: main(tmp_path), port=29611, cwd=tmp_path)
+    result = run_ranks(main, tmp_path, port=29611, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for first_order in (False, True):
@@ -53,7 +53,7 @@ def comparable(rows):
 def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, workspace):
     one = run_in_process("maxl_train.py", *RUN, "epochs=2", "name=one", cwd=tmp_path, workspace=workspace)
     assert one.returncode == 0, one.stderr
-    two = run_ranks(script_main("maxl_train.py", *RUN, "epochs=2", "name=two"), port=29612, cwd=tmp_path,
+    two = run_ranks(run_script_main, "maxl_train.py", *RUN, "epochs=2", "name=two", port=29612, cwd=tmp_path,
                     env={"WORKSPACE": str(workspace)})
     assert two.returncode == 0, two.stderr[-3000:]
     # one run directory, written by rank 0 alone
@@ -80,7 +80,7 @@ def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, 
     assert "interrupted by SIGTERM at epoch 2/2 step " in output, output[-3000:]
     assert final_state(workspace, "resumed")["position"]["epoch"] == 1
     # the same command continues it: its ranks forked here (what they compute is the point now, not torchrun)
-    second = run_ranks(script_main("maxl_train.py", *RUN, "epochs=2", "name=resumed"), port=29614, cwd=tmp_path,
+    second = run_ranks(run_script_main, "maxl_train.py", *RUN, "epochs=2", "name=resumed", port=29614, cwd=tmp_path,
                        env={"WORKSPACE": str(workspace)})
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed at epoch 2/2 step " in second.stderr
@@ -101,7 +101,7 @@ def test_mela_steps_run_on_two_processes_and_meta_eval_matches_one_process(tmp_p
                                 "train_db_size=20", "batch_size=50", "sup_rotate_aug=false"]),
              ("meta_eval", ["pretrained_model=ll", "hydra.run.dir=two"])]
     for port, (script, args) in enumerate(steps, start=29621):
-        result = run_ranks(script_main(f"{script}.py", *MELA, *args), port=port, cwd=tmp_path,
+        result = run_ranks(run_script_main, f"{script}.py", *MELA, *args, port=port, cwd=tmp_path,
                            env={"WORKSPACE": str(workspace)})
         assert result.returncode == 0, result.stderr[-3000:]
     labeler_log = next((tmp_path / "logs" / "learn_labeler" / "ll").glob("*/learn_labeler.log")).read_text()

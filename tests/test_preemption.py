@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Forked, run_in_process, script_main
+from conftest import Forked, run_in_process, run_script_main
 
 from engine.errors import RunInterrupted
 from engine.metrics import NOT_COMPARED, read_metrics
@@ -74,8 +74,8 @@ def runs(tmp_path_factory):
                                   workspace=root / "workspace")
         assert straight.returncode == 0, straight.stderr
         # a process forked from this one: it gets the signal, without a new interpreter's imports
-        status, output = interrupt_in_second_epoch(Forked(script_main(*command(script, "checkpoint_every=0.0001")),
-                                                          cwd=root, env=env))
+        status, output = interrupt_in_second_epoch(Forked(run_script_main, *command(script, "checkpoint_every=0.0001"),
+                                                          cwd=root, env=env, output=root / f"{script}.out"))
         run_name = next(line.split()[1] for line in output.splitlines() if line.startswith("run: "))
         folder = root / "workspace" / "checkpoint" / SCRIPTS[script][0] / run_name
         leftover = folder / f".last.pt.tmp{2**22 + 17}"  # what a write killed by SIGKILL leaves
