@@ -18,6 +18,11 @@ from engine.metrics import NOT_COMPARED, read_metrics
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29613"]
 
 
+def on_two_ranks(script, *overrides, port, cwd, workspace):
+    """The script as torchrun's two ranks would run it (forked: `run_ranks`)."""
+    return run_ranks(run_script_main, script, *overrides, port=port, cwd=cwd, env={"WORKSPACE": str(workspace)})
+
+
 def test_two_process_meta_gradient_equals_one_process_on_the_whole_batch(tmp_path):
     from distributed_meta_worker import main
 
@@ -53,8 +58,7 @@ def comparable(rows):
 def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, workspace):
     one = run_in_process("maxl_train.py", *RUN, "epochs=2", "name=one", cwd=tmp_path, workspace=workspace)
     assert one.returncode == 0, one.stderr
-    two = run_ranks(run_script_main, "maxl_train.py", *RUN, "epochs=2", "name=two", port=29612, cwd=tmp_path,
-                    env={"WORKSPACE": str(workspace)})
+    two = on_two_ranks("maxl_train.py", *RUN, "epochs=2", "name=two", port=29612, cwd=tmp_path, workspace=workspace)
     assert two.returncode == 0, two.stderr[-3000:]
     # one run directory, written by rank 0 alone
     [run_dir] = (tmp_path / "logs" / "maxl_train" / "two").iterdir()
@@ -80,8 +84,8 @@ def test_maxl_on_two_processes_equals_one_process_and_resumes_exactly(tmp_path, 
     assert "interrupted by SIGTERM at epoch 2/2 step " in output, output[-3000:]
     assert final_state(workspace, "resumed")["position"]["epoch"] == 1
     # the same command continues it: its ranks forked here (what they compute is the point now, not torchrun)
-    second = run_ranks(run_script_main, "maxl_train.py", *RUN, "epochs=2", "name=resumed", port=29614, cwd=tmp_path,
-                       env={"WORKSPACE": str(workspace)})
+    second = on_two_ranks("maxl_train.py", *RUN, "epochs=2", "name=resumed", port=29614, cwd=tmp_path,
+                          workspace=workspace)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed at epoch 2/2 step " in second.stderr
     assert comparable(run_metrics(tmp_path, "resumed")) == comparable(run_metrics(tmp_path, "two"))
@@ -101,8 +105,7 @@ def test_mela_steps_run_on_two_processes_and_meta_eval_matches_one_process(tmp_p
                                 "train_db_size=20", "batch_size=50", "sup_rotate_aug=false"]),
              ("meta_eval", ["pretrained_model=ll", "hydra.run.dir=two"])]
     for port, (script, args) in enumerate(steps, start=29621):
-        result = run_ranks(run_script_main, f"{script}.py", *MELA, *args, port=port, cwd=tmp_path,
-                           env={"WORKSPACE": str(workspace)})
+        result = on_two_ranks(f"{script}.py", *MELA, *args, port=port, cwd=tmp_path, workspace=workspace)
         assert result.returncode == 0, result.stderr[-3000:]
     labeler_log = next((tmp_path / "logs" / "learn_labeler" / "ll").glob("*/learn_labeler.log")).read_text()
     assert "2 processes" in labeler_log and "clusters for 10 true classes" in labeler_log
