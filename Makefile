@@ -27,9 +27,10 @@ setup: .venv/.installed
 	echo '$(strip $(TORCH_SPEC))' > .venv/.torch_spec
 	touch $@
 
-# Two test processes with one thread each; the 15 slowest tests are listed at the end.
+# Two test processes with one thread each; the 15 slowest tests are listed at the end. Bytecode is cached even where
+# the environment says not to (PYTHONDONTWRITEBYTECODE): each of the suite's processes would compile the sources again.
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
+	PYTHONDONTWRITEBYTECODE= OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile --durations=15 tests
 
 # ---- MAXL ---------------------------------------------------------------------------------------------------
 DEMO_MAXL := dataset=digits model.width_mult=0.25 epochs=15 device=cpu num_workers=0 progress=false

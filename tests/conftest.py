@@ -35,8 +35,10 @@ def run_in_process(script: str, *overrides: str, cwd: Path, workspace: Path):
     import io
     import logging
     import traceback
+    import unittest.mock
 
     import torch
+    from hydra._internal.hydra import Hydra
     from hydra.core.global_hydra import GlobalHydra
 
     if str(ROOT) not in sys.path:
@@ -44,12 +46,22 @@ def run_in_process(script: str, *overrides: str, cwd: Path, workspace: Path):
     script = Path(script).name  # a name, or the script's path
     main = importlib.import_module(script.removesuffix(".py")).main
     out, err, code = io.StringIO(), io.StringIO(), 0
+    hydra_get_mode = Hydra.get_mode
+
+    def mode_from_the_command_line(hydra, config_name, overrides):
+        # Hydra composes a run's whole config twice, the first time only to read `hydra.mode`, which no config here
+        # sets: None, and the command line's -m decides. The same answer without that composition.
+        if any(override.lstrip("+~").startswith("hydra.mode") for override in overrides):
+            return hydra_get_mode(hydra, config_name, overrides)
+        return None
+
     saved = (sys.argv, os.getcwd(), os.environ.get("WORKSPACE"), torch.get_num_threads())
     sys.argv = [str(ROOT / script), *overrides]
     os.environ["WORKSPACE"] = str(workspace)
     os.chdir(cwd)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                unittest.mock.patch.object(Hydra, "get_mode", mode_from_the_command_line):
             try:
                 main()
             except SystemExit as exit_:

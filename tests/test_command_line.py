@@ -79,3 +79,17 @@ def test_make_download_cifar_without_a_network_is_one_line(tmp_path):
     if done.returncode == 0:
         pytest.skip("a network is reachable here")
     assert done.returncode == 1 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_no_config_sets_the_run_mode():
+    """The in-process runs (conftest.run_in_process) skip Hydra's composition that only reads `hydra.mode`: right
+    while no config sets it (None: the command line's -m decides)."""
+    from hydra import compose, initialize_config_dir
+
+    from engine.config import CONFIG_DIR
+    from engine.entry import register
+
+    for script in SCRIPTS.values():
+        register(script)
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            assert compose(script.name, return_hydra_config=True).hydra.mode is None, script.name
