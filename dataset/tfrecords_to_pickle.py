@@ -76,20 +76,17 @@ def read_class(path: Path, expected: int, pool: ThreadPoolExecutor) -> tuple[np.
 
 
 def write_split_pickles(directory: Path, name: str, split: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:
-    prefix = DATASETS[name][0]
-    written = [directory / f"{prefix}_{split}.pkl"]
-    save_pickle(written[0], {"data": images, "labels": labels[:, None]})
+    files = {f"{DATASETS[name][0]}_{split}.pkl": labels[:, None]}
     if name == "aircraft":
         family = json.loads((AIRCRAFT_HIERARCHY / "variant_to_family.json").read_text())
         maker = json.loads((AIRCRAFT_HIERARCHY / "variant_to_manufacturer.json").read_text())
         levels = {"variant": labels, "family": np.array([family[str(v)] for v in labels], dtype=np.int64),
                   "maker": np.array([maker[str(v)] for v in labels], dtype=np.int64)}
-        for level, level_labels in levels.items():
-            written.append(directory / f"aircraft_{level}_{split}.pkl")
-            save_pickle(written[-1], {"data": images, "labels": level_labels[:, None]})
-        written.append(directory / f"aircraft_hierarchy_{split}.pkl")
-        save_pickle(written[-1], {"data": images, "labels": np.stack(list(levels.values()), axis=1)})
-    return written
+        files.update({f"aircraft_{level}_{split}.pkl": level_labels[:, None] for level, level_labels in levels.items()})
+        files[f"aircraft_hierarchy_{split}.pkl"] = np.stack(list(levels.values()), axis=1)
+    for file, file_labels in files.items():
+        save_pickle(directory / file, {"data": images, "labels": file_labels})
+    return [directory / file for file in files]
 
 
 def convert(name: str, data_dir: Path, workers: int) -> list[Path]:
