@@ -81,9 +81,7 @@ def _size(n_bytes: float) -> str:
 
 def _canonical_name(name: str) -> str | None:
     """The archive `name` stands for (any case, with or without .tar.gz), or None."""
-    by_lower = {known.lower(): known for known in ARCHIVES}
-    lowered = name.lower()
-    return by_lower.get(lowered[: -len(".tar.gz")] if lowered.endswith(".tar.gz") else lowered)
+    return {known.lower(): known for known in ARCHIVES}.get(name.lower().removesuffix(".tar.gz"))
 
 
 def archive_names(requested: list[str]) -> list[str]:
