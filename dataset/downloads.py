@@ -2,15 +2,12 @@
 download_* and unpack_datasets targets). Archive NAME comes from its figshare address in `ARCHIVES`, or from
 <mirror>/NAME.tar.gz with --mirror / $METALABEL_MIRROR (`archive_url`).
 
-`download` writes NAME.tar.gz.part (the server's ETag / Last-Modified in NAME.tar.gz.part.json: an interrupted
-transfer resumes with Range + If-Range, so a file changed on the server starts over) and renames it NAME.tar.gz
-only once it was read through (gzip CRC and length, every tar header, the end-of-archive blocks) and matched any
-pinned checksum (--sha256, --checksums); its size and sha256 then go to the manifest NAME.tar.gz.sha256, which an
-existing NAME.tar.gz must match to be skipped (without one, it is read through).
+`download` fetches into NAME.tar.gz.part (resumable: Range + If-Range on the ETag / Last-Modified kept in
+NAME.tar.gz.part.json, so a file changed on the server starts over) and renames it NAME.tar.gz only once it was
+read through and matched any pinned checksum; the manifest NAME.tar.gz.sha256 then records its size and sha256.
 `unpack` checks every member before anything is written (only plain files and directories at relative paths
-without '..': no links, devices or FIFOs), extracts into a temporary folder inside the data folder and moves it
-into place, so a refused or broken archive leaves nothing behind; the marker .NAME.unpacked lists the members.
-Both return one summary line.
+without '..') and extracts through a temporary folder in the data folder, so a refused or broken archive leaves
+nothing behind. Both return one summary line.
 """
 import filecmp
 import glob
