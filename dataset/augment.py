@@ -2,12 +2,10 @@
 
 RandomCrop(size, padding, zero fill) and horizontal flip are one gather of image rows from the zero-padded uint8
 batch [B, H, W, C] and its mirror image (torchvision's crop then flip: a flipped crop is a crop of the mirrored
-padded image). ColorJitter(jitter, jitter, jitter) runs in float with each image's own
-brightness, contrast and saturation factors (uniform in [1 - jitter, 1 + jitter]) in its own random order of the
-three (hue is not jittered). Each of the three is torchvision v2's blend `clamp(f * x + (1 - f) * other, 0, 1)` with
-other = 0 (brightness), the mean of the image's grayscale (contrast) or the grayscale (saturation), so one step
-blends every image with its own `other` whatever its operation.
-
+padded image). ColorJitter(jitter, jitter, jitter) runs in float, each image with its own brightness, contrast and
+saturation factors (uniform in [1 - jitter, 1 + jitter]) in its own random order (no hue). Each is torchvision
+v2's blend `clamp(f * x + (1 - f) * other, 0, 1)` with other = 0 (brightness), the mean of the image's grayscale
+(contrast) or the grayscale (saturation), so one step blends every image with its own `other`.
 The parameters are drawn on the CPU from `generator` (the engine seeds it per batch), in a fixed order for the
 whole batch: the same batch on any device, for any number of loader workers, and again after a resume.
 """

@@ -5,7 +5,7 @@ Each option's `supports` says which scripts read it: `maxl` (a label hierarchy, 
 by its reader (dataset/hierarchical.py, dataset/fewshot/sources.py) before a run starts.
 """
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -61,16 +61,13 @@ def check_view(node, view: str, reader: str) -> None:
 
 
 def _reading(view: str, schema: type):
-    def for_script(script: str):
-        """The `dataset=` group's declaration for `script`: `node` -> the dataclass declaring its keys (a dataset
-        without the `view` is refused)."""
-        def settings_of(node) -> type:
-            check_view(node, view, f"{script}.py")
-            return schema
+    """`script` -> the `dataset=` group's declaration for it: `node` -> the dataclass declaring its keys (a dataset
+    without the `view` is refused)."""
+    def settings_of(script: str, node) -> type:
+        check_view(node, view, f"{script}.py")
+        return schema
 
-        return settings_of
-
-    return for_script
+    return lambda script: partial(settings_of, script)
 
 
 hierarchical_dataset = _reading("maxl", HierarchicalSettings)

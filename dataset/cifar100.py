@@ -39,14 +39,11 @@ def read_split(directory: Path, split: str, make_target: str | None):
 def write_synthetic(directory: Path, train_per_class: int, test_per_class: int, image_size: int, seed: int, *,
                     fine_names: list[str] | None = None, coarse_names: list[str] | None = None,
                     coarse_of: list[int] | None = None):
-    """Write a small CIFAR-100-like dataset (100 fine classes, fine f under coarse f // 5) in the official layout.
-    `fine_names`, `coarse_names` and `coarse_of` (each fine class's coarse id) replace the generated names and
-    hierarchy (tests of CIFAR-FS and FC100 write CIFAR-100's own).
-
-    Each fine class is a fixed random 4x4 colour pattern, upsampled, plus noise; the five fine classes of a
-    coarse class share a base colour, so both levels are learnable. Written into a temporary directory first and
-    renamed, so that processes generating it at once (torchrun ranks) all end with the same complete files.
-    """
+    """Write a small CIFAR-100-like dataset (100 fine classes, fine f under coarse f // 5) in the official layout;
+    `fine_names`, `coarse_names` and `coarse_of` (each fine class's coarse id) replace the generated hierarchy.
+    A fine class is a random 4x4 colour pattern, upsampled, plus noise; the fine classes of a coarse class share a
+    base colour, so both levels are learnable. Written into a temporary directory, then renamed, so that processes
+    generating it at once (torchrun ranks) all end with the same complete files."""
     directory = Path(directory)
     rng = np.random.default_rng(seed)
     base = rng.uniform(40, 215, size=(20, 1, 1, 3))

@@ -1,19 +1,13 @@
 """Download, check and unpack the MeLa archives: the library behind `python -m tools.download` (the Makefile's
-download_* and unpack_datasets targets), which datasets may use too.
+download_* and unpack_datasets targets). Archive NAME comes from its figshare address in `ARCHIVES`, or from
+<mirror>/NAME.tar.gz with --mirror / $METALABEL_MIRROR (`archive_url`).
 
-The addresses are `ARCHIVES` (the original figshare links); with a mirror (`--mirror`, or $METALABEL_MIRROR) archive
-NAME is fetched from <mirror>/NAME.tar.gz instead (`archive_url`).
-
-`download`: into NAME.tar.gz.part (the server's ETag / Last-Modified in NAME.tar.gz.part.json), renamed to
-NAME.tar.gz only after the whole archive was read through (gzip CRC and length, every tar header, the end-of-archive
-blocks) and matched any pinned checksum (`pinned_checksums`: --sha256, --checksums); its size and sha256 then go to
-the manifest NAME.tar.gz.sha256. An interrupted transfer resumes with Range + If-Range, so a file that changed on
-the server starts over from the first byte. An existing NAME.tar.gz is skipped only once it matches its manifest
-(or, without one, once it has been read through). Each call returns one summary line.
-`unpack`: one archive, once (the marker .NAME.unpacked lists its members). Every member is checked before anything
-is written: only plain files and directories, at relative paths without '..' (no links, devices or FIFOs); the
-archive is then extracted into a temporary folder inside the data folder and moved into place, so a refused or
-broken archive leaves nothing behind. It returns one line saying what it created.
+`download` fetches into NAME.tar.gz.part (resumable: Range + If-Range on the ETag / Last-Modified kept in
+NAME.tar.gz.part.json, so a file changed on the server starts over) and renames it NAME.tar.gz only once it was
+read through and matched any pinned checksum; the manifest NAME.tar.gz.sha256 then records its size and sha256.
+`unpack` checks every member before anything is written (only plain files and directories at relative paths
+without '..') and extracts through a temporary folder in the data folder, so a refused or broken archive leaves
+nothing behind. Both return one summary line.
 """
 import filecmp
 import glob
@@ -48,7 +42,8 @@ ARCHIVES = {  # archive name -> the original address
     "tiered780": f"{FIGSHARE}/37836714?private_link=89a52d40c31da8724b61",
 }
 MIRROR_VARIABLE = "METALABEL_MIRROR"
-MIRROR_FIX = f"check the address, or give another mirror with --mirror / ${MIRROR_VARIABLE}"
+ANOTHER_MIRROR = f"give another mirror with --mirror / ${MIRROR_VARIABLE}"
+MIRROR_FIX = f"check the address, or {ANOTHER_MIRROR}"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -83,9 +78,7 @@ def _size(n_bytes: float) -> str:
 
 def _canonical_name(name: str) -> str | None:
     """The archive `name` stands for (any case, with or without .tar.gz), or None."""
-    by_lower = {known.lower(): known for known in ARCHIVES}
-    lowered = name.lower()
-    return by_lower.get(lowered[: -len(".tar.gz")] if lowered.endswith(".tar.gz") else lowered)
+    return {known.lower(): known for known in ARCHIVES}.get(name.lower().removesuffix(".tar.gz"))
 
 
 def archive_names(requested: list[str]) -> list[str]:
@@ -300,7 +293,7 @@ def _open(url: str, start: int, validator: str | None):
         raise UserError(f"HTTP {exc.code} {exc.reason} from {url}: {MIRROR_FIX}") from None
     except (urllib.error.URLError, OSError, HTTPException) as exc:
         raise UserError(f"cannot reach {url} ({getattr(exc, 'reason', exc)}): check the network and the address, "
-                        f"or give another mirror with --mirror / ${MIRROR_VARIABLE}") from None
+                        f"or {ANOTHER_MIRROR}") from None
 
 
 def _resumed_end(response, start: int, state: dict) -> int:
@@ -385,14 +378,14 @@ def _fetch_checked(name: str, url: str, part: Path) -> tuple[int, str | None]:
                 if start == 0:
                     _discard_part(part)
                     raise UserError(f"{url} served an archive that {fault}; {part.name} was deleted: try again "
-                                    f"later, or give another mirror with --mirror / ${MIRROR_VARIABLE}") from None
+                                    f"later, or {ANOTHER_MIRROR}") from None
                 raise _Restart(f"the resumed file {fault}") from None
             return start, restarted
         except _Restart as why:
             if restarted is not None:
                 _discard_part(part)
-                raise UserError(f"{url}: {why}, again after starting over: try again later, or give another "
-                                f"mirror with --mirror / ${MIRROR_VARIABLE}") from None
+                raise UserError(f"{url}: {why}, again after starting over: try again later, or "
+                                f"{ANOTHER_MIRROR}") from None
             restarted = str(why)
             _discard_part(part)
 

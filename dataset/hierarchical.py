@@ -126,8 +126,9 @@ def _own_files(cfg) -> dict[str, Path]:
     for split, path in files.items():
         if path.is_dir():
             if not (path / LEVELS_CSV).is_file():
-                raise UserError(f"dataset.{split}_file={path} is a folder without {LEVELS_CSV}: add {path / LEVELS_CSV} "
-                                f"(columns file, then one per level) or name an .npz, .pkl or .csv file")
+                raise UserError(f"dataset.{split}_file={path} is a folder without {LEVELS_CSV}: add "
+                                f"{path / LEVELS_CSV} (columns file, then one per level) or name an .npz, .pkl or .csv "
+                                f"file")
             files[split] = path / LEVELS_CSV
         elif files[split].suffix.lower() not in OWN_SUFFIXES:
             raise UserError(f"dataset.{split}_file={path}: a {path.suffix or 'suffix-less'} file is not read; give an "
@@ -157,8 +158,7 @@ def _own_levels(cfg, with_images: bool):
         raise UserError(f"dataset={cfg.name}: {files['train']} has {widths['train']} label levels, {files['test']} "
                         f"{widths['test']}: both splits need the same levels")
     columns = read["train"][2]
-    labels = {split: [] for split in SPLITS}
-    class_names = []
+    levels, class_names = [], []  # per level: the ids of each split, the names of the ids
     for j, column in enumerate(columns):
         values = [read[split][1][:, j] for split in SPLITS]
         where = f"dataset {cfg.name}, level {j + 1} ({column})"
@@ -167,31 +167,23 @@ def _own_levels(cfg, with_images: bool):
         else:
             ids, names = ids_from_values([v.astype(str) for v in values], where)
         ids, names = renumber(ids, names, where, report=with_images)
-        for split, column_ids in zip(SPLITS, ids):
-            labels[split].append(column_ids)
+        levels.append(ids)
         class_names.append(names)
-    labels = {split: np.stack(cols, axis=1).astype(np.int64) for split, cols in labels.items()}
+    labels = {split: np.stack([ids[i] for ids in levels], axis=1).astype(np.int64) for i, split in enumerate(SPLITS)}
     if with_images:  # once per run: the check before the run reads the same labels
         log.info(f"dataset {cfg.name}: {len(labels['train'])} training images ({files['train']}), "
-                 f"{len(labels['test'])} "
-                 f"test images ({files['test']}); levels, coarse to fine: "
+                 f"{len(labels['test'])} test images ({files['test']}); levels, coarse to fine: "
                  + ", ".join(f"{column} ({len(names)} classes)" for column, names in zip(columns, class_names)))
     return read["train"][0], labels["train"], read["test"][0], labels["test"], class_names
 
 
 # ---- levels, subsets ---------------------------------------------------------------------------------------
-def default_levels(level_names: list[int]) -> dict[str, int | None]:
-    """`auto` levels: primary = the next-to-finest level, auxiliary = the finest (one level: it, and none)."""
-    if len(level_names) == 1:
-        return {"primary_level": level_names[0], "auxiliary_level": None}
-    return {"primary_level": level_names[-2], "auxiliary_level": level_names[-1]}
-
-
 def _resolve_auto(node, level_names: list[int]) -> None:
-    defaults = default_levels(level_names)
-    for key in LEVEL_KEYS:
+    """`auto` levels: primary = the next-to-finest level, auxiliary = the finest (one level: it, and none)."""
+    defaults = level_names[-2:] if len(level_names) > 1 else [level_names[0], None]
+    for key, default in zip(LEVEL_KEYS, defaults):
         if node.get(key) == AUTO:
-            node[key] = defaults[key]
+            node[key] = default
 
 
 def _plain(value):
@@ -241,8 +233,9 @@ def _check_subset_keys(cfg) -> None:
 
 
 def check_config(cfg) -> None:
-    """What maxl_train checks before its run name is derived (nothing is trained or written yet): the subset keys are valid, hier_file's folder and files exist; `auto` levels get their values
-    from the labels (a hier_file's labels are read; other datasets resolve them when loaded). Afterwards
+    """What maxl_train checks before its run name is derived (nothing is trained or written yet): the subset keys
+    are valid, hier_file's folder and files exist; `auto` levels get their values from the labels (a hier_file's
+    labels are read; other datasets resolve them when loaded). Afterwards
     `dataset.primary_level` / `dataset.auxiliary_level` hold the levels the run uses (the subset's level)."""
     dataset = cfg.dataset
     _check_subset_keys(dataset)
@@ -270,7 +263,7 @@ def load_hierarchical(cfg) -> HierarchicalData:
         if cfg.get("generate") and not (path / "test").is_file():
             gen = cfg.generate
             cifar100.write_synthetic(path, gen.train_per_class, gen.test_per_class, gen.image_size, gen.seed)
-        parts = (*cifar100.read_split(path, "train", cfg.make_target), *cifar100.read_split(path, "test", cfg.make_target))
+        parts = [array for split in SPLITS for array in cifar100.read_split(path, split, cfg.make_target)]
     elif source == "torchvision_cifar10":
         parts = _cifar10(Path(cfg.path), cfg.make_target)
     elif source == "digits":

@@ -1,15 +1,9 @@
 """Your own data, for both kinds of dataset (`dataset=hier_file` for MAXL, `dataset=custom` for MeLa): finding a
-split's file, reading arrays and image files, checking labels, subsets, and the one image size rule.
-
-Rules (docs/own_data.md is the user's description):
-- A split key (`dataset.train_file`, ...) names a file or folder under `dataset.path`; without a suffix the
-  suffixes the dataset reads are tried, and two matches are an error, not a guess.
-- Arrays: `data` (images, N x H x W x 3, or N x H x W grey; integers 0-255) and `labels` (N, or N x L levels).
-- Label ids must be >= 0. Ids with gaps (or not starting at 0) are renumbered 0..K-1 in id order, logged.
-- Every image, from an array or a file, ends up `image_size` x `image_size` (RGB, bilinear, Pillow): arrays of
-  that size are used as they are (a memory map stays one), others are resized, logged.
-- Subsets (`classes`, `per_class`) are drawn from `dataset.seed` (not the run's seed), one stream per purpose
-  and split, so the same keys give the same images in every run and script.
+split's file, reading arrays and image files, checking labels, subsets, and the one image size rule (the user's
+description: docs/own_data.md). Label ids with gaps are renumbered 0..K-1 in id order, logged. Every image ends up
+`image_size` x `image_size` (RGB, bilinear, Pillow); arrays already that size are used as they are (a memory map
+stays one). Subsets (`classes`, `per_class`) are drawn from `dataset.seed` (not the run's seed), one stream per
+purpose and split, so the same keys give the same images in every run and script.
 """
 import csv
 import logging

@@ -65,7 +65,6 @@ def load_pickle(path: Path, make_target: str | None = None):
     path = require_file(path, make_target)
     hint = make_hint(make_target)
     with open(path, "rb") as handle:
-        handle.seek(0)
         try:
             return _RestrictedUnpickler(handle, encoding="latin1").load()
         except _RefusedGlobal as exc:

@@ -2,18 +2,9 @@
 
     python dataset/tfrecords_to_pickle.py --dataset aircraft|cu_birds|vgg_flower [--data-dir DIR] [--workers N]
 
-Input, as meta-dataset writes it and moved to DIR/<dataset>/ (DIR defaults to $WORKSPACE/metaL_data):
-`dataset_spec.json` (its `images_per_class` lists the classes) and one `{class}.tfrecords` per class, whose
-records hold `image` (encoded bytes) and `label` (int64). Read with the `tfrecord` package, no TensorFlow.
-Each image is decoded with Pillow as RGB and resized to 84x84 with nearest-neighbour sampling.
-
-Classes split in class-id order; every class of the dataset spec is used (the original dropped vgg's last):
-aircraft 70/15/15, cu_birds 140/30/30, vgg_flower 71/15/16 (train/val/test). Output, one pickle per split p of
-{"data": uint8 [N, 84, 84, 3], "labels": int64 [N, 1] (or [N, 3])}, written atomically into DIR/<dataset>/:
-- aircraft: aircraft_{p}.pkl (variant labels, for mixed), aircraft_variant_{p}.pkl, aircraft_family_{p}.pkl,
-  aircraft_maker_{p}.pkl (h_aircraft), and aircraft_hierarchy_{p}.pkl with [variant, family, maker] per image
-  (sup_baseline's three heads; the original overwrote aircraft_{p}.pkl with these instead);
-- cu_birds: cub_{p}.pkl;  vgg_flower: vgg_{p}.pkl.
+Input, output and class splits: docs/data_formats.md. The records are read with the `tfrecord` package (no
+TensorFlow). Every class of dataset_spec.json is used (the original dropped vgg's last), and aircraft's [variant,
+family, maker] labels go to aircraft_hierarchy_{p}.pkl (the original overwrote aircraft_{p}.pkl with them).
 """
 import argparse
 import io
@@ -76,20 +67,17 @@ def read_class(path: Path, expected: int, pool: ThreadPoolExecutor) -> tuple[np.
 
 
 def write_split_pickles(directory: Path, name: str, split: str, images: np.ndarray, labels: np.ndarray) -> list[Path]:
-    prefix = DATASETS[name][0]
-    written = [directory / f"{prefix}_{split}.pkl"]
-    save_pickle(written[0], {"data": images, "labels": labels[:, None]})
+    files = {f"{DATASETS[name][0]}_{split}.pkl": labels[:, None]}
     if name == "aircraft":
         family = json.loads((AIRCRAFT_HIERARCHY / "variant_to_family.json").read_text())
         maker = json.loads((AIRCRAFT_HIERARCHY / "variant_to_manufacturer.json").read_text())
         levels = {"variant": labels, "family": np.array([family[str(v)] for v in labels], dtype=np.int64),
                   "maker": np.array([maker[str(v)] for v in labels], dtype=np.int64)}
-        for level, level_labels in levels.items():
-            written.append(directory / f"aircraft_{level}_{split}.pkl")
-            save_pickle(written[-1], {"data": images, "labels": level_labels[:, None]})
-        written.append(directory / f"aircraft_hierarchy_{split}.pkl")
-        save_pickle(written[-1], {"data": images, "labels": np.stack(list(levels.values()), axis=1)})
-    return written
+        files.update({f"aircraft_{level}_{split}.pkl": level_labels[:, None] for level, level_labels in levels.items()})
+        files[f"aircraft_hierarchy_{split}.pkl"] = np.stack(list(levels.values()), axis=1)
+    for file, file_labels in files.items():
+        save_pickle(directory / file, {"data": images, "labels": file_labels})
+    return [directory / file for file in files]
 
 
 def convert(name: str, data_dir: Path, workers: int) -> list[Path]:

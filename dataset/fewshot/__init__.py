@@ -14,23 +14,19 @@ What a MeLa script calls (`cfg.dataset` is the `dataset=<name>` config group):
     features: iterate a FlatDataset in order, e.g. session.loader(val[0].flat, 256, shuffle=False)
     sup_baseline: load_supervised_set(cfg.dataset, "train", augment=..., rotate=...)
 
-- `load_split(dataset_cfg, split, *, augment=False, rotate=False) -> list[SubDataset]`: split is train, val or
-  test; mixed gives aircraft, cub, vgg; h_aircraft gives aircraft_variant, aircraft_maker, aircraft_family
-  (`dataset.levels`); every other dataset one sub-dataset named after it.
+- `load_split`: split is train, val or test; mixed gives aircraft, cub, vgg; h_aircraft gives aircraft_variant,
+  aircraft_maker, aircraft_family (`dataset.levels`); every other dataset one sub-dataset named after it.
 - `FlatDataset`: `ds[i] -> (image [3, H, W] float normalised, label, i)`; `.labels` (numpy int64, from 0),
   `.n_cls`, `.images` (uint8 [N, H, W, 3], loaded once or memory-mapped), `.load(indices) -> (x, y)` for a
-  batch, `.targets()` (labels of every item, rotated copies included), `.with_options(augment=, rotate=)`
-  (the same arrays, another transform), `.images_on(device)` (the images a tensor there: the engine's loader
-  does it for the GPU, see `data_device`). With rotate the set is 4N long: item i is image i % N turned by
-  90 * (i // N) degrees with label `label + n_cls * (i // N)`.
-- `make_tasks(subsets, *, n_ways, n_shots, n_queries, shape, no_replacement, fixed_db, db_size, seed)
-  -> TaskMixture` (a ConcatDataset of one `TaskDataset` per sub-dataset, with `set_epoch`); semantics in
-  `dataset.fewshot.tasks`. An impossible task (n_ways above a split's classes, n_shots + n_queries above a
+  batch, `.targets()`, `.with_options(augment=, rotate=)` (the same arrays, another transform),
+  `.images_on(device)` (the engine's loader does it for the GPU, see `data_device`); rotate: see its docstring.
+- `make_tasks(...) -> TaskMixture` (one `TaskDataset` per sub-dataset, with `set_epoch`; semantics in
+  `dataset.fewshot.tasks`). An impossible task (n_ways above a split's classes, n_shots + n_queries above a
   class's images) is a UserError when the tasks are made.
-- `load_supervised_set(dataset_cfg, split, *, augment=False, rotate=False) -> FlatDataset`: the true-label
-  training set (mixed: domains concatenated with label offsets; h_aircraft: labels [N, 3] for three heads).
-- `ImageTransform` / `transform_from_config(dataset_cfg, augment)`: the transform of a FlatDataset, for a
-  dataset built from other labels (the labeler's pseudo-labels): `FlatDataset(images, labels, transform, rotate)`.
+- `load_supervised_set(...) -> FlatDataset`: the true-label training set (mixed: domains concatenated with label
+  offsets; h_aircraft: labels [N, 3] for three heads).
+- `ImageTransform` / `transform_from_config(dataset_cfg, augment)`: the transform of a FlatDataset built from
+  other labels (the labeler's pseudo-labels): `FlatDataset(images, labels, transform, rotate)`.
 - `dataset_config(name, data_dir=None, **overrides)`: a dataset config outside Hydra.
 """
 from dataset.fewshot.config import dataset_config, mela_dataset_names

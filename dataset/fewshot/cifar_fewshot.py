@@ -2,15 +2,12 @@
 official python archive (`make download_cifar100`, the one `dataset=cifar100` reads), or from the pickles of the
 MetaOptNet / RFS releases when only those are there.
 
-The splits are data shipped with the project (dataset/resources/cifar_fewshot/*.json, as published): CIFAR-FS
-lists fine classes (64 / 16 / 20), FC100 superclasses (12 / 4 / 4, so 60 / 20 / 20 fine classes). Classes are
-looked up by name in the archive's `meta` file, so an archive with other classes is refused instead of being
-relabelled silently. A split takes every image of its classes from the archive's `train` and `test` files
-together (600 per class); its labels are 0..K-1 in the archive's fine-class order, with the class names.
-
-Dataset keys: `splits` (cifar_fs | fc100: which published splits), `path` (the archive folder, `cifar-100-python`;
-null: pickles only), `pickle_path` (the folder of `CIFAR_FS_<split>.pickle` / `FC100_<split>.pickle`; null: none).
-The archive is read when its `meta` file is there, else the pickles.
+The splits ship with the project as published (dataset/resources/cifar_fewshot/*.json): CIFAR-FS lists fine
+classes (64 / 16 / 20), FC100 superclasses (12 / 4 / 4, so 60 / 20 / 20 fine classes). Classes are looked up by
+name in the archive's `meta`, so an archive with other classes is refused, not relabelled silently. A split takes
+every image of its classes from the archive's `train` and `test` files (600 per class), labelled 0..K-1 in the
+archive's fine-class order. Keys: `splits` (cifar_fs | fc100), `path` (the cifar-100-python folder, read when its
+`meta` is there; null: pickles only), `pickle_path` (the folder of `<prefix>_<split>.pickle`; null: none).
 """
 import json
 import logging
@@ -33,22 +30,20 @@ SIDE = 32
 @dataclass(frozen=True)
 class Benchmark:
     title: str
-    splits_file: str
     level: str                    # "fine": the splits list fine classes; "coarse": superclasses
     pickle_prefix: str            # <prefix>_<split>.pickle of the MetaOptNet / RFS releases
     fine_classes: dict            # fine classes per split, as published
 
 
 BENCHMARKS = {
-    "cifar_fs": Benchmark("CIFAR-FS", "cifar_fs_splits.json", "fine", "CIFAR_FS",
-                          {"train": 64, "val": 16, "test": 20}),
-    "fc100": Benchmark("FC100", "fc100_splits.json", "coarse", "FC100", {"train": 60, "val": 20, "test": 20}),
+    "cifar_fs": Benchmark("CIFAR-FS", "fine", "CIFAR_FS", {"train": 64, "val": 16, "test": 20}),
+    "fc100": Benchmark("FC100", "coarse", "FC100", {"train": 60, "val": 20, "test": 20}),
 }
 
 
 def published_splits(benchmark: str) -> dict[str, list[str]]:
     """split -> the class names the benchmark's paper lists (fine classes, or FC100's superclasses)."""
-    return json.loads((RESOURCES / BENCHMARKS[benchmark].splits_file).read_text())
+    return json.loads((RESOURCES / f"{benchmark}_splits.json").read_text())
 
 
 def cifar100_fine_names() -> list[str]:
@@ -111,7 +106,8 @@ def _names(meta: dict, key: str, path: Path, make_target: str | None) -> list[st
 @lru_cache(maxsize=2)
 def _archive(directory: Path, make_target: str | None, stamp: tuple):
     """(images, fine labels, coarse labels, fine names, coarse names) of the whole archive, train then test;
-    cached per process (a script reads three splits), `stamp` = the files' times and sizes, so a new download is read."""
+    cached per process (a script reads three splits); `stamp`, the files' times and sizes, makes a new download read.
+    """
     meta_path = directory / "meta"
     meta = load_pickle(meta_path, make_target)
     fine_names = _names(meta, "fine_label_names", meta_path, make_target)
@@ -135,8 +131,8 @@ def _lookup(names: list[str], wanted: list[str], what: str, where: Path, title: 
 
 
 def _from_archive(cfg, directory: Path, benchmark: Benchmark, split: str):
-    stamp = tuple((lambda st: (st.st_mtime_ns, st.st_size))((directory / f).stat()) if (directory / f).is_file()
-                  else None for f in ("meta", *ARCHIVE_FILES))
+    files = [directory / name for name in ("meta", *ARCHIVE_FILES)]
+    stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files)
     images, fine, coarse, fine_names, coarse_names = _archive(directory, cfg.get("make_target"), stamp)
     wanted = published_splits(cfg.splits)[split]
     if benchmark.level == "fine":
@@ -160,11 +156,6 @@ def _from_archive(cfg, directory: Path, benchmark: Benchmark, split: str):
 
 
 # ---- the MetaOptNet / RFS pickles ---------------------------------------------------------------------------------
-def pickle_file(cfg, split: str) -> Path | None:
-    folder = _folder(cfg, "pickle_path")
-    return None if folder is None else folder / f"{_benchmark(cfg).pickle_prefix}_{split}.pickle"
-
-
 def _from_pickles(cfg, path: Path, benchmark: Benchmark, split: str):
     images, labels = read_pickled_arrays(path, None)
     if images.ndim != 4 or images.shape[1:] != (SIDE, SIDE, 3) or labels.ndim != 1:
@@ -179,9 +170,7 @@ def _from_pickles(cfg, path: Path, benchmark: Benchmark, split: str):
     names = [str(i) for i in ids]
     if ids.min() >= 0 and ids.max() < len(all_names):
         names = [all_names[i] for i in ids]
-        published = published_splits(cfg.splits)[split]
-        wanted = set(published) if benchmark.level == "fine" else None
-        if wanted is not None and set(names) != wanted:
+        if benchmark.level == "fine" and set(names) != set(published_splits(cfg.splits)[split]):
             log.warning(f"{path}: its label ids are not the CIFAR-100 ids of {benchmark.title}'s {split} classes; "
                         f"the classes are used as they are (names shown are CIFAR-100's for those ids)")
     return np.ascontiguousarray(images, dtype=np.uint8), labels.astype(np.int64), names
@@ -193,7 +182,8 @@ def read(cfg, split: str):
     else from the benchmark's pickle of the split."""
     check_config(cfg)
     benchmark = _benchmark(cfg)
-    directory, pickled = _folder(cfg, "path"), pickle_file(cfg, split)
+    directory, pickles = _folder(cfg, "path"), _folder(cfg, "pickle_path")
+    pickled = pickles and pickles / f"{benchmark.pickle_prefix}_{split}.pickle"
     if directory is not None and (directory / "meta").exists():
         images, labels, names = _from_archive(cfg, directory, benchmark, split)
         source = f"the CIFAR-100 archive {directory}"

@@ -26,8 +26,6 @@ NUMERIC_KINDS = "biufc"  # numpy dtype kinds: bool, signed and unsigned integers
 NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 
 
-
-
 def checked(images: np.ndarray, labels, source: Path) -> tuple[np.ndarray, np.ndarray]:
     """Validate shapes and types: images [N, H, W, 3] uint8, labels [N] or [N, L] integers ([N, 1] squeezed)."""
     if images.ndim != 4 or images.shape[3] != 3:

@@ -3,10 +3,11 @@
 Keys of a MeLa dataset config (config/dataset/<name>.yaml): `source` picks a reader below; `path` is where the
 files are (`alternative_paths`: other directory names the same files may have); `make_target` is the make
 command that provides them; `mean`, `std`, `crop_padding`, `hflip` set the transform. Per source: `domains`
-(meta-dataset pickles), `levels` (aircraft levels), `splits` / `pickle_path` (cifar_fewshot: cifar_fs, fc100), `image_size` (custom, digits), `class_split` (digits),
-`generate` (synthetic_fs), `train_file` / `val_file` / `test_file` / `val_classes` (custom). Any dataset may add
-the subset keys `classes`, `per_class`, `seed` (`+dataset.classes=10`: custom lists them; see
-dataset/own_data.py). `check_config(cfg.dataset)` checks these keys before a run starts.
+(meta-dataset pickles), `levels` (aircraft levels), `splits` / `pickle_path` (cifar_fewshot: cifar_fs, fc100),
+`image_size` (custom, digits), `class_split` (digits), `generate` (synthetic_fs), `train_file` / `val_file` /
+`test_file` / `val_classes` (custom). Any dataset may add the subset keys `classes`, `per_class`, `seed`
+(`+dataset.classes=10`: custom lists them; see dataset/own_data.py). `check_config(cfg.dataset)` checks these
+keys before a run starts.
 """
 import logging
 from pathlib import Path

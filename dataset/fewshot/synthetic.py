@@ -1,15 +1,12 @@
 """`dataset=synthetic_fs` / `synthetic_hard_fs`: small generated few-shot datasets in the miniImageNet pickle layout
 (tests, quick runs). `generate.kind` picks the images:
-
-- `patterns` (synthetic_fs): each class is a smooth random colour pattern; its images are that pattern shifted by a
-  few pixels, with pixel noise, so a network can learn them but no two images are equal. Easy: raw pixels or an
-  untrained network already tell the classes apart.
-- `motifs` (synthetic_hard_fs): each class is a random binary 4x4 shape, drawn brighter at a random place of a
-  noisy dark image. Only a learned, translation-invariant shape detector tells the classes apart: an untrained
-  network scores little above chance on new classes, a trained one near 1, so a broken training shows.
-
-Labels run on across the splits (train first), as miniImageNet's global ids do. The files are written once into
-the workspace, atomically; `generated_with.json` records the settings, and other settings regenerate them.
+- `patterns` (synthetic_fs): each class a smooth random colour pattern, its images that pattern shifted by a few
+  pixels, plus pixel noise. Easy: raw pixels or an untrained network already tell the classes apart.
+- `motifs` (synthetic_hard_fs): each class a random binary 4x4 shape, drawn brighter at a random place of a noisy
+  dark image. Only a learned, translation-invariant shape detector tells them apart (untrained: little above
+  chance on new classes, trained: near 1), so a broken training shows.
+Labels run on across the splits (train first), as miniImageNet's global ids do. The files are written once,
+atomically; `generated_with.json` records the settings, and other settings regenerate them.
 """
 import json
 import os

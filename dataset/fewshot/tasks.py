@@ -1,31 +1,20 @@
 """Meta-training tasks drawn from flat datasets.
 
-A task is N classes (`n_ways`) with K support (`n_shots`) and Q query (`n_queries`) images each. Two shapes:
-- `few_shot`: `FewShotTask` (support/query images, local labels 0..N-1 as repeat(arange(N), K), indices);
-- `flat`: `FlatTask` (all N*(K+Q) images class-major, their true labels, the N true classes, indices [N, K+Q]),
-  for the labeler.
-Two samplers:
-- random (`no_replacement=False`): `db_size` tasks, each N classes then K+Q images per class, without
-  replacement inside the task. With `fixed_db` task i is drawn from (seed, i) and is the same every epoch;
-  otherwise from (seed, epoch, i).
+A task is N classes (`n_ways`) with K support (`n_shots`) and Q query (`n_queries`) images each, as a
+`FewShotTask` (`few_shot`: local labels repeat(arange(N), K)) or a `FlatTask` (`flat`, for the labeler: all
+N*(K+Q) images class-major with their true labels, the N true classes, indices [N, K+Q]).
+- random (`no_replacement=False`): `db_size` tasks, each N classes then K+Q images per class, drawn from (seed, i)
+  with `fixed_db` (the same every epoch), otherwise from (seed, epoch, i).
 - no replacement (GFSL): every class's images are shuffled and cut into chunks of K+Q; while N classes still
-  have a chunk, a task takes the next chunk of N classes picked at random. Every image is used at most once per
-  epoch (the per-class remainder and the chunks of the last < N classes go unused). The partition is drawn from
-  `seed`; with `fixed_db` it is the same every epoch, otherwise redrawn from (seed, epoch). Every task of the
-  partition is used (the original's behaviour) unless `db_size` is given: then only its first `db_size` tasks.
-  The log says "using T of P tasks".
-`make_tasks` (what the scripts call with `train_db_size`) reads db_size=None as the whole partition with
-no_replacement, and as DEFAULT_RANDOM_TASKS (2800, the original's train_db_size) random tasks without it.
-Augmentation inside task i draws from a generator seeded by (seed, epoch, i), not from the worker's RNG, so tasks
-are the same for any number of loader workers and a resumed run replays them exactly. `set_epoch(epoch)` before each epoch is what
-makes non-fixed tasks and augmentation change between epochs: for a loader from `session.loader` the engine does
-it (session.fit calls `session.set_epoch` before every epoch); iterating outside the engine, call it yourself.
-
-Each item is already a whole task. `session.loader(tasks, tasks_per_step, shuffle=True)` (the scripts; an integer
-batch size, the global one, split over the ranks) stacks tasks along a leading axis [T, ...]: tasks_per_step=1 is
-the original's leading dimension of 1. A plain `DataLoader(tasks, batch_size=None, shuffle=True)` yields the
-tasks one by one, without that axis.
-If the flat dataset rotates (rotate_aug), its rotated copies are classes of their own, label + n_cls * k.
+  have a chunk, a task takes the next chunk of N classes picked at random, so an image is used at most once per
+  epoch. The partition is drawn from `seed` (`fixed_db`) or (seed, epoch); `db_size` keeps its first tasks only
+  (the log says "using T of P tasks"). `make_tasks` reads db_size=None as the whole partition, and without
+  no_replacement as DEFAULT_RANDOM_TASKS (the original's train_db_size).
+Augmentation of task i draws from (seed, epoch, i), not the worker's RNG: the same tasks for any number of loader
+workers and after a resume. `set_epoch(epoch)` (session.fit calls it before every epoch; call it yourself outside
+the engine) is what changes non-fixed tasks and augmentation between epochs.
+Each item is a whole task: `session.loader(tasks, tasks_per_step)` stacks them on a leading axis [T, ...], a plain
+`DataLoader(tasks, batch_size=None)` yields them one by one. Rotated copies (rotate_aug) are classes of their own.
 """
 import copy
 import logging
@@ -34,6 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 
 from dataset.fewshot.flat import FlatDataset
 from engine.errors import UserError
@@ -195,7 +185,10 @@ class TaskDataset(torch.utils.data.Dataset):
             order = np.concatenate([indices[:, :k].reshape(-1), indices[:, k:].reshape(-1)])
         _, height, width, channels = self.flat.images.shape
         augmentation = torch.Generator().manual_seed(int(self._rng(_AUGMENTATION, self.epoch, index).integers(2**63)))
-        x, y = self.flat.load(order, out=_batch_buffer((len(order), channels, height, width)), generator=augmentation)
+        # In a loader worker the task is written into shared memory, which the loader passes on without a copy.
+        in_worker = get_worker_info() is not None
+        out = torch.empty(len(order), channels, height, width).share_memory_() if in_worker else None
+        x, y = self.flat.load(order, out=out, generator=augmentation)
         indices = torch.from_numpy(indices)
         if self.shape == "flat":
             return FlatTask(x, y, torch.from_numpy(classes), indices)
@@ -212,13 +205,6 @@ class TaskDataset(torch.utils.data.Dataset):
         moved = copy.copy(self)
         moved.flat = self.flat.images_on(device)
         return moved
-
-
-def _batch_buffer(shape) -> torch.Tensor | None:
-    """The tensor a task is written into in a DataLoader worker: shared memory, which the loader then passes to
-    the main process as is (a task of 100 float images is 8.5 MB; the default path copies it once more). None in
-    the main process: the task is made where the images are."""
-    return torch.empty(shape).share_memory_() if torch.utils.data.get_worker_info() is not None else None
 
 
 class TaskMixture(torch.utils.data.ConcatDataset):

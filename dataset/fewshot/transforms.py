@@ -1,15 +1,11 @@
 """Batched image transforms: uint8 HWC images in, normalised float CHW tensors out.
 
-Augmentation (dataset/augment.py) is the original's per image, drawn for the whole batch at once: every image its
-own RandomCrop(image size, padding) and horizontal flip, then ColorJitter(0.4, 0.4, 0.4) in float. The original
-flipped after the jitter; a flip commutes with it, so the result is the same.
-Conversion to float, rotation and normalisation always run, on the whole batch.
-
-Rotation (the x4 rotation task) turns the augmented image by k*90 degrees, k in 0..3. The original forced an
-augmenting transform with a vertical instead of a horizontal flip for k = 1, 3 whatever `data_aug` said; a
-vertical flip is a 180-degree turn of a mirrored image, so that made half of the 90-degree samples look like
-270-degree ones. Here augmentation follows `data_aug` alone and always flips horizontally before turning: a
-turned mirror image is still a turn by k*90 degrees of a natural image, so the rotation label stays right.
+Augmentation (dataset/augment.py) is the original's per image, drawn for the whole batch at once: RandomCrop(image
+size, padding) and horizontal flip, then ColorJitter(0.4, 0.4, 0.4) in float (the original flipped after the
+jitter; the two commute). Rotation (the x4 rotation task) turns the augmented image by k*90 degrees, k in 0..3.
+The original forced an augmenting transform with a vertical flip for k = 1, 3 whatever `data_aug` said: a vertical
+flip is a 180-degree turn of a mirror image, so half of its 90-degree samples looked like 270-degree ones. Here
+augmentation follows `data_aug` alone and flips horizontally before turning, so the rotation label stays right.
 """
 from dataclasses import dataclass
 

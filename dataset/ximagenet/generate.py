@@ -3,17 +3,10 @@
     python dataset/ximagenet/generate.py --imagenet-dir ILSVRC2012/train --num-classes 1000 --images-per-class 60 \
         [--splits mini_union_tiered] [--seed 0] [--image-size 84] [--output DIR] [--workers N]
 
-Classes: the synsets of resources/imagenet_splits/all_synsets.txt whose folder in --imagenet-dir (`<synset>/*.JPEG`)
-holds at least M images, shuffled with the seed. Split sizes: int(0.64 N) train, int(0.16 N) val, the rest test
-(N=1000: 640/160/200). With --splits mini, tiered or mini_union_tiered the synsets listed in that set's
-train/val/test files go to their own split first (in shuffled order, as many as the split holds) and are kept
-out of the others; the remaining synsets fill the other places. --splits none forces nothing.
-Images: M per class drawn with the seed, decoded with Pillow (JPEGs at the smallest DCT scale still larger than
-the target, which is fast) and resized with area averaging (the original used OpenCV's INTER_AREA).
-Output, the layout `dataset=mini60` / `dataset=tiered780` reads (DIR defaults to $WORKSPACE/metaL_data/x{M}ImageNet):
-{train,valid,test}_images.npy uint8 [n, S, S, 3] and {train,valid,test}_labels.npy int64, labels numbered on
-across the splits (train first), and synsets.json (the synset of each label, per split). Each file appears
-only once complete.
+What it takes and writes: docs/data_formats.md. The classes are the synsets of all_synsets.txt with at least M
+images, in one order shuffled with the seed; a split's forced synsets (--splits) fill it first. JPEGs are decoded
+at the smallest DCT scale still larger than the target (fast) and resized with area averaging (the original used
+OpenCV's INTER_AREA). Each file appears only once complete.
 """
 import argparse
 import json
@@ -77,13 +70,6 @@ def load_image(path: Path, size: int) -> np.ndarray:
         raise UserError(f"{path} is not a readable image ({exc}): remove it and run again") from None
 
 
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    os.replace(tmp, path)
-
-
 def generate(imagenet_dir: Path, n_classes: int, per_class: int, splits: str, seed: int, image_size: int,
              output: Path, workers: int) -> dict[str, list[str]]:
     if not imagenet_dir.is_dir():
@@ -118,7 +104,10 @@ def generate(imagenet_dir: Path, n_classes: int, per_class: int, splits: str, se
             del images
             os.replace(tmp, output / f"{FILE_STEMS[split]}_images.npy")
             labels = np.repeat(np.arange(first_label, first_label + len(synsets), dtype=np.int64), per_class)
-            _atomic_npy(output / f"{FILE_STEMS[split]}_labels.npy", labels)
+            tmp = output / f".{FILE_STEMS[split]}_labels.npy.tmp"
+            with open(tmp, "wb") as handle:  # a handle: np.save would add .npy to the temporary name
+                np.save(handle, labels)
+            os.replace(tmp, output / f"{FILE_STEMS[split]}_labels.npy")
             first_label += len(synsets)
     (output / "synsets.json").write_text(json.dumps(chosen, indent=1))
     return chosen
