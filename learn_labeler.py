@@ -13,9 +13,9 @@ def main(cfg, session):
     payload, path = load_step(cfg.pretrained_labeler, "pretrained_labeler", META_STEPS, cfg.checkpoint_dir,
                               session)
     labeling_backbone = pretrained_backbone(payload, saved_model_cfg(payload))
-    inferred = infer_global_labels(cfg, session, labeling_backbone, origin=str(path))
+    train = infer_global_labels(cfg, session, labeling_backbone, origin=str(path))
     evaluator = val_evaluator(cfg, session, cfg.val_n_ways, C=1 / cfg.lam)
-    job = SupervisedJob(cfg, session, inferred.dataset, evaluator, validate_from=int_list(cfg.lr_decay_epochs)[0],
+    job = SupervisedJob(cfg, session, train, evaluator, validate_from=int_list(cfg.lr_decay_epochs)[0],
                         rotate=cfg.sup_rotate_aug)
     return session.fit(job, cfg.epochs)
 

@@ -19,8 +19,9 @@ def main(cfg, session):
     evaluator = FewShotEvaluator(cfg, session, cfg.split, cfg.n_ways, int_list(cfg.val_n_shots), cfg.test_C)
     results = evaluator(model)
     if session.is_main:
-        about = {"checkpoint": str(path), "checkpoint_sha256": file_identity(path), "script": payload["script"], "epoch": payload["epoch"], "split": cfg.split,
-                 "n_ways": cfg.n_ways, "n_queries": cfg.n_queries, "tasks_per_sub_dataset": cfg.test_db_size}
+        about = {"checkpoint": str(path), "checkpoint_sha256": file_identity(path), "script": payload["script"],
+                 "epoch": payload["epoch"], "split": cfg.split, "n_ways": cfg.n_ways, "n_queries": cfg.n_queries,
+                 "tasks_per_sub_dataset": cfg.test_db_size}
         saved = {k: {name: {"mean": m, "ci95": h} for name, (m, h) in per.items()} for k, per in results.items()}
         headline = [f"{cfg.split}/{k}shot" for k in results]  # the report's default metrics
         (session.run_dir / "results.json").write_text(json.dumps({**about, "headline": headline, "results": saved},

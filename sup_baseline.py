@@ -1,4 +1,5 @@
-"""The oracle, supervised pre-training on the true labels: `python sup_baseline.py dataset=miniImageNet [key=value ...]`."""
+"""The oracle, supervised pre-training on the true labels:
+`python sup_baseline.py dataset=miniImageNet [key=value ...]`."""
 from dataset.fewshot import load_supervised_set
 from engine import hydra_main
 from methods.mela_jobs import SupervisedJob, val_evaluator

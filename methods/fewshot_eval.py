@@ -1,18 +1,13 @@
 """Few-shot evaluation (MeLa's meta_test): logistic regression on frozen, L2-normalised features.
 
-Each split's features are computed once (eval mode, no autograd, large batches, float32 whatever the training
-precision: autocast is switched off). Task i of a split draws from `np.random.RandomState(i)` alone (the original's
-`np.random.seed(i)` stream, without touching the global RNG): n_ways classes out of the split's classes listed in
-order of first appearance in its labels (the original's `list(label_to_index)`), then n_shots + n_queries images
-of each class (its images in index order), all without replacement; so task i is the original's task i for the
-same labels, and the same for every model, run and worker. A scikit-learn LogisticRegression(C, lbfgs,
-max_iter=1000, fit_intercept) is fit on the support set's features in float64 (as the original hands it numpy
-float64 arrays); the score is the query accuracy (0-1). Results are the mean and the 95% t-interval half-width
-sem * t.ppf(0.975, n-1) (`engine.metrics.mean_ci95`), per sub-dataset and over all tasks together.
-
-In a run (validation during training, meta_eval), `FewShotEvaluator` does this on one split of the run's dataset,
-each rank encoding a shard of the images (`gathered_features`); `accuracy_metrics` turns its results into metrics
-rows and `best_monitors` names the `best*.pt` checkpoints that follow them.
+Each split's features are computed once (eval mode, no autograd, float32 whatever the training precision). Task i
+of a split draws from `np.random.RandomState(i)` alone (the original's `np.random.seed(i)` stream, without touching
+the global RNG): n_ways classes out of the split's classes in order of first appearance in its labels (the
+original's `list(label_to_index)`), then n_shots + n_queries images of each class (its images in index order), all
+without replacement; so task i is the original's task i for the same labels, and the same for every model, run and
+worker. A scikit-learn LogisticRegression(C, lbfgs, max_iter=1000, fit_intercept) is fit on the support features
+in float64 (as the original hands it numpy float64 arrays); the score is the query accuracy (0-1). Results: the
+mean and the 95% t-interval half-width (`engine.metrics.mean_ci95`), per sub-dataset and over all tasks together.
 """
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -59,11 +54,10 @@ class ValidationSettings:
 
 def extract_features(model: torch.nn.Module, loader, device: torch.device | str, progress=None,
                      normalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features [M, d] float32, labels [M] int64) on the CPU, for a loader of (images, labels, ...) batches, in
-    the loader's order. The model runs in eval mode under inference_mode, in float32: autocast is switched off
-    even inside an autocast region (bf16 training must not change what is evaluated or labelled); its train/eval
-    mode is restored. `progress(iterable, desc)` may wrap the loader (e.g. Session.progress). Features are
-    L2-normalised (x / max(||x||, 1e-8)) unless normalize=False."""
+    """(features [M, d] float32, labels [M] int64) on the CPU, in the loader's order, L2-normalised
+    (x / max(||x||, 1e-8)) unless normalize=False. The model runs in eval mode (then its mode is restored), without
+    autograd, in float32: autocast is off even inside an autocast region (bf16 training must not change what is
+    evaluated or labelled). `progress(iterable, desc)` may wrap the loader (e.g. Session.progress)."""
     was_training = model.training
     model.eval()
     features, labels = [], []
@@ -222,12 +216,11 @@ def results_table(results: Mapping[str, dict[int, dict[str, tuple[float, float]]
     rows = []
     for label, per_model in results.items():
         names = [n for n in next(iter(per_model.values())) if n != "overall"] if sub_datasets else []
+        if len(names) == 1:
+            names = []  # one sub-dataset: its row is the overall one
         for name in names + ["overall"]:
-            row_label = label if name == "overall" and len(names) <= 1 else f"{label} / {name}"
-            if len(names) == 1 and name != "overall":
-                continue  # one sub-dataset: its row is the overall one
             cells = [f"{100 * per_model[k][name][0]:6.2f} +- {100 * per_model[k][name][1]:.2f}" for k in shots]
-            rows.append((row_label, cells))
+            rows.append((f"{label} / {name}" if names else label, cells))
     width = max([len(label) for label, _ in rows] + [5])
     lines = [f"{'model':<{width}}  " + "  ".join(f"{f'{k}-shot':>15}" for k in shots)]
     lines += [f"{label:<{width}}  " + "  ".join(f"{cell:>15}" for cell in cells) for label, cells in rows]

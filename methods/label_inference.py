@@ -25,13 +25,6 @@ SIZES_PLOT = "cluster_sizes.png"
 
 
 @dataclass
-class InferredLabels:
-    dataset: FlatDataset  # the images of accepted tasks with their inferred labels
-    centroids: torch.Tensor
-    report: dict
-
-
-@dataclass
 class EncodedTasks:
     """The train split seen through the backbone: every image of every sub-dataset once, and the tasks as index
     sets into those features."""
@@ -75,7 +68,7 @@ def labeler_centroids(cfg, session, keys: torch.Tensor, feat_dim: int) -> torch.
         centroids, _ = labeler.load_centroids(saved, feat_dim)
         session.log.info(f"labeler: {len(centroids)} centroids from this run's {saved}")
     else:
-        centroids = labeler.cluster(keys, cfg.K, cfg.std_factor, cfg.seed).centroids
+        return labeler.cluster(keys, cfg.K, cfg.std_factor, cfg.seed).centroids
     return centroids
 
 
@@ -115,7 +108,7 @@ def write_labeler_files(cfg, session, centroids: torch.Tensor, report: dict, ori
     labeler.plot_cluster_sizes(report, session.run_dir / SIZES_PLOT)
 
 
-def infer_global_labels(cfg, session, backbone: torch.nn.Module, origin: str) -> InferredLabels:
+def infer_global_labels(cfg, session, backbone: torch.nn.Module, origin: str) -> FlatDataset:
     """The labeler on flat tasks of the train split, seen through the frozen backbone (`origin`: where it was
     loaded from, recorded in the files); the pseudo-labelled training set of the accepted tasks."""
     subsets = load_split(cfg.dataset, "train")
@@ -130,4 +123,4 @@ def infer_global_labels(cfg, session, backbone: torch.nn.Module, origin: str) ->
     log_report(session, report)
     dataset = inferred_dataset(cfg, session, subsets, encoded.offsets, images, labels)
     write_labeler_files(cfg, session, centroids, report, origin, len(labels), n_cls)
-    return InferredLabels(dataset, centroids, report)
+    return dataset

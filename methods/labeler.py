@@ -39,7 +39,6 @@ def _positive_multiple_of_ways(cfg) -> str | None:
     if K % n_ways:
         nearest = max(n_ways, round(K / n_ways) * n_ways)
         return f"K={K}: K must be a positive multiple of n_ways={n_ways} (e.g. K={nearest})"
-    return None
 
 
 @dataclass
@@ -58,8 +57,7 @@ class LabelerSettings:
     relations = (_positive_multiple_of_ways,)
 
 
-def stack_domains(features: list[torch.Tensor], tasks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor]:
+def stack_domains(features: list[torch.Tensor], tasks: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Per sub-dataset features [M_i, d] and tasks [T_i, N, S] (local indices) -> all features, tasks indexing
     them, and each task's sub-dataset number [T]."""
     offsets = np.cumsum([0] + [len(f) for f in features[:-1]])
@@ -217,7 +215,7 @@ def labeler_report(assignment: torch.Tensor, accepted: torch.Tensor, true_classe
             "domains": domains, "cluster_sizes": sizes.tolist()}
 
 
-def plot_cluster_sizes(report: dict, path: Path) -> Path:
+def plot_cluster_sizes(report: dict, path: Path) -> None:
     """A bar chart of images per centroid (largest first), with the true number of classes marked."""
     import matplotlib
 
@@ -234,7 +232,6 @@ def plot_cluster_sizes(report: dict, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return Path(path)
 
 
 def save_centroids(path: Path, centroids: torch.Tensor, **metadata) -> Path:

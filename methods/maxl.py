@@ -118,9 +118,8 @@ def auxiliary_task(data: HierarchicalData, cfg) -> AuxiliaryTask:
     """Resolve primary/auxiliary levels and psi (derived from the hierarchy, or given and validated)."""
     primary_column = data.level_column(cfg.primary_level, "primary_level")
     n_primary = data.level_sizes[primary_column]
-    auxiliary_column = None
-    if cfg.auxiliary_level is not None:
-        auxiliary_column = data.level_column(cfg.auxiliary_level, "auxiliary_level")
+    auxiliary_column = (None if cfg.auxiliary_level is None
+                        else data.level_column(cfg.auxiliary_level, "auxiliary_level"))
     levels = f"dataset {data.name}, primary_level={cfg.primary_level}, auxiliary_level={cfg.auxiliary_level}"
     derived = positions = None
     if auxiliary_column is not None and cfg.auxiliary_level > cfg.primary_level:
@@ -167,12 +166,6 @@ def _random_state(device: torch.device):
     return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _set_random_state(state, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
 def draws_masks(model: nn.Module) -> bool:
     """Whether a training forward of `model` draws random masks (dropout or DropBlock at a non-zero rate)."""
     return model.training and any((isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0)
@@ -183,12 +176,11 @@ def draws_masks(model: nn.Module) -> bool:
 def replayed_randomness(state, device: torch.device):
     """Run the block from the random state `state` (of `_random_state`), then continue from the current one: a
     forward inside draws the same dropout and DropBlock masks as the forward that started from `state`."""
-    current = _random_state(device)
-    _set_random_state(state, device)
-    try:
+    with torch.random.fork_rng([device] if state[1] is not None else []):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
         yield
-    finally:
-        _set_random_state(current, device)
 
 
 def meta_gradient(model, generator, x, y, alpha: float, entropy_weight: float, gamma: float,
@@ -276,16 +268,12 @@ def purity(true: np.ndarray, predicted: np.ndarray) -> float:
 
 def generator_agreement(true: np.ndarray, generated: np.ndarray, primary: np.ndarray) -> dict:
     """How well the generator's arg-max labels recover the true finer-level labels, next to what the trivial
-    labelling (one label per primary class, i.e. per psi block) and chance score.
+    labelling (one label per psi block) and chance score.
 
-    gen/nmi, gen/purity: over all images. The generated label always lies in the primary class's block, so the
-    block structure alone earns these a lot: gen/nmi_trivial, gen/purity_trivial. gen/nmi_within and
-    gen/purity_within: computed inside each primary class, then averaged over the primary classes with equal
-    weight, over the classes with at least two finer classes among their images (the others have nothing to
-    find). There the trivial labelling scores NMI 0 and gen/purity_within_trivial (each class's largest finer
-    class's share); the *_within_chance values are those of the generated labels shuffled inside each class
-    (same label counts, no link to the images): what finding nothing scores on a test set of this size.
-    (Weighted by class size, the within-class purity would be gen/purity itself.)
+    gen/nmi, gen/purity: over all images; the block structure alone earns these a lot (gen/nmi_trivial,
+    gen/purity_trivial). gen/*_within: inside each primary class with at least two finer classes among its images,
+    averaged with equal weight; there the trivial labelling scores NMI 0 and gen/purity_within_trivial, and
+    *_within_chance is what the generated labels shuffled inside each class score (what finding nothing scores).
     """
     from sklearn.metrics import normalized_mutual_info_score
 
@@ -351,16 +339,10 @@ class MaxlJob(TrainingJob):
         x, targets, _ = batch
         return self.session.to_device(x), targets.to(self.session.device, non_blocking=True)
 
-    def _batches(self, loader, desc):
-        for batch in self.session.progress(loader, desc):
-            yield self._on_device(batch)
-
     def phases(self, epoch: int) -> list[Phase]:
         """(1) the multi-task pass; for the label-learning methods (2) the meta pass over a new shuffle."""
-        phases = [Phase("multi-task", self.train_loader, self._multitask_phase_step)]
-        if self.learns_labels:
-            phases.append(Phase("meta", self.train_loader, self._generator_phase_step))
-        return phases
+        meta = [Phase("meta", self.train_loader, self._generator_phase_step)] if self.learns_labels else []
+        return [Phase("multi-task", self.train_loader, self._multitask_phase_step)] + meta
 
     def end_epoch(self, epoch: int) -> None:
         if self.learns_labels:
@@ -370,7 +352,8 @@ class MaxlJob(TrainingJob):
     def _multitask_phase_step(self, batch, tracker) -> None:
         self.model.train()
         x, targets = self._on_device(batch)
-        for key, value in self.multitask_step(x, targets, with_cossim=tracker.step % self.cfg.cossim_every == 0).items():
+        metrics = self.multitask_step(x, targets, with_cossim=tracker.step % self.cfg.cossim_every == 0)
+        for key, value in metrics.items():
             tracker.add(key, value, 1 if key == "train/cossim" else len(x))
 
     def multitask_step(self, x, targets, with_cossim: bool) -> dict:
@@ -440,7 +423,8 @@ class MaxlJob(TrainingJob):
             # so for VGG-16 this is the training-mode generator the reference evaluates.
             self.generator.eval()
         labels = []  # per batch: primary, true auxiliary-level class, generated label
-        for x, targets in self._batches(self.test_loader, f"epoch {epoch + 1}/{self.cfg.epochs} test"):
+        for batch in self.session.progress(self.test_loader, f"epoch {epoch + 1}/{self.cfg.epochs} test"):
+            x, targets = self._on_device(batch)
             y = targets[:, 0]
             with self.session.autocast():
                 outputs = self.model(x)

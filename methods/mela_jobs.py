@@ -30,12 +30,14 @@ def val_evaluator(cfg, session, n_ways: int, C: float) -> FewShotEvaluator:
 
 class ValidatedJob(TrainingJob):
     """Few-shot validation on the val split from epoch `validate_from` on, and always after the last epoch (so
-    that every run leaves a `best.pt`). `layout` (a `model_layout`) goes into every checkpoint."""
+    that every run leaves a `best.pt`), of `evaluated` (the model, or the backbone of a classifier). `layout` (a
+    `model_layout`) goes into every checkpoint."""
 
     layout: dict  # set by each job: where the backbone is in state["model"]
+    skipped_steps_metric = SKIPPED_STEPS
 
     def __init__(self, cfg, session, model: torch.nn.Module, evaluator: FewShotEvaluator, validate_from: int):
-        self.cfg, self.session, self.model = cfg, session, model
+        self.cfg, self.session, self.model, self.evaluated = cfg, session, model, model
         self.evaluator, self.validate_from = evaluator, validate_from
         self.monitors = best_monitors(evaluator.shots)
         self.headline = [f"val/{k}shot" for k in evaluator.shots]
@@ -43,7 +45,7 @@ class ValidatedJob(TrainingJob):
     def evaluate(self, epoch: int) -> dict:
         if epoch < self.validate_from and epoch != self.cfg.epochs - 1:
             return {}
-        return accuracy_metrics(self.evaluator(self.model), "val")
+        return accuracy_metrics(self.evaluator(self.evaluated), "val")
 
     def state_objects(self) -> dict:
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
@@ -62,8 +64,6 @@ class ValidatedJob(TrainingJob):
 class MetaLearningJob(ValidatedJob):
     """Meta-training with MetaLS on few-shot tasks of the train split. `opt` holds what is trained: the whole
     backbone (learn_meta_repr) or fine_tune's head (`model` is then a FrozenBackboneHead)."""
-
-    skipped_steps_metric = SKIPPED_STEPS
 
     def __init__(self, cfg, session, model, opt, evaluator, validate_from: int):
         super().__init__(cfg, session, model, evaluator, validate_from)
@@ -90,24 +90,19 @@ class SupervisedJob(ValidatedJob):
     """Cross-entropy training of a backbone with a linear classifier (one head, or one per label level) on a flat
     dataset: the inferred labels (learn_labeler) or the true ones (sup_baseline)."""
 
-    skipped_steps_metric = SKIPPED_STEPS
     layout = model_layout("backbone.")
 
     def __init__(self, cfg, session, train: FlatDataset, evaluator, validate_from: int, rotate: bool):
         backbone = build_backbone(cfg.model)
         model = session.prepare(build_classifier(backbone, train.n_cls, rotate))
         super().__init__(cfg, session, model, evaluator, validate_from)
+        self.evaluated = model.backbone
         self.train_model = session.distribute(model)
         self.loader = session.loader(train, cfg.batch_size, shuffle=True)
         self.optimizer = optimizer(cfg, model.parameters())
         self.scheduler = scheduler(cfg, self.optimizer)
         session.log.info(f"supervised training on {len(train)} images, {train.n_cls} classes"
                          + (" (x4 rotations)" if rotate else ""))
-
-    def evaluate(self, epoch: int) -> dict:
-        if epoch < self.validate_from and epoch != self.cfg.epochs - 1:
-            return {}
-        return accuracy_metrics(self.evaluator(self.model.backbone), "val")
 
     def phases(self, epoch: int) -> list[Phase]:
         return [Phase("train", self.loader,

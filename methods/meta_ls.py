@@ -111,10 +111,7 @@ class MetaLS(nn.Module):
                  positive_pairs: str = "same_set"):
         super().__init__()
         self.backbone = backbone
-        self.n_ways = n_ways
-        self.lam = lam
-        self.extra_reg = extra_reg
-        self.positive_pairs = positive_pairs
+        self.n_ways, self.lam, self.extra_reg, self.positive_pairs = n_ways, lam, extra_reg, positive_pairs
 
     def forward(self, support_x, support_y, query_x, query_y):
         if support_x.dim() == 4:  # one task, unbatched

@@ -20,7 +20,6 @@ from models.resfc import FrozenBackboneHead
 META_STEPS = ("learn_meta_repr",)
 PRETRAINED_STEPS = ("learn_labeler", "sup_baseline", "learn_meta_repr")
 EVALUATED_STEPS = ("learn_meta_repr", "learn_labeler", "fine_tune", "sup_baseline")
-HEAD_STEP = "fine_tune"  # the step whose checkpoint holds a ResFC head (read by name in older checkpoints)
 
 
 def model_layout(backbone_prefix: str, resfc_head: bool = False) -> dict:
@@ -33,7 +32,7 @@ def saved_layout(payload: dict) -> dict:
     if "backbone_prefix" in payload:
         return model_layout(payload["backbone_prefix"], bool(payload.get("resfc_head", False)))
     script = payload["script"]
-    return model_layout("" if script in META_STEPS else "backbone.", resfc_head=script == HEAD_STEP)
+    return model_layout("" if script in META_STEPS else "backbone.", resfc_head=script == "fine_tune")
 
 
 def build_backbone(model_cfg) -> torch.nn.Module:

@@ -15,12 +15,11 @@ def _finite_on_all_ranks(loss: torch.Tensor) -> bool:
     return bool(finite)
 
 
-def guarded_step(compute: Callable[[], tuple[torch.Tensor, dict]], optimizer: torch.optim.Optimizer,
-                 retries: int = RETRIES) -> dict | None:
-    """zero_grad, (loss, metrics) = compute(), backward, step. A NaN/Inf loss is recomputed up to `retries` times
+def guarded_step(compute: Callable[[], tuple[torch.Tensor, dict]], optimizer: torch.optim.Optimizer) -> dict | None:
+    """zero_grad, (loss, metrics) = compute(), backward, step. A NaN/Inf loss is recomputed up to RETRIES times
     (dropout and DropBlock draw anew); if it stays non-finite the step is skipped and None returned. A singular
     linear solve inside `compute` counts as a non-finite loss."""
-    for _ in range(1 + retries):
+    for _ in range(1 + RETRIES):
         optimizer.zero_grad(set_to_none=True)
         try:
             loss, metrics = compute()

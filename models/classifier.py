@@ -16,15 +16,13 @@ class Classifier(nn.Module):
         return self.head(self.backbone(x))
 
 
-class MultiHeadClassifier(nn.Module):
+class MultiHeadClassifier(Classifier):
     """One Linear(feat_dim, sum(head_classes)) whose output is split into one logit block per head (h_aircraft:
     variant, family, maker): returns a tuple of [B, head_classes[h]] tensors."""
 
     def __init__(self, backbone: nn.Module, head_classes: Sequence[int]):
-        super().__init__()
-        self.backbone = backbone
+        super().__init__(backbone, sum(head_classes))
         self.head_classes = list(head_classes)
-        self.head = nn.Linear(backbone.feat_dim, sum(self.head_classes))
 
     def forward(self, x):
-        return self.head(self.backbone(x)).split(self.head_classes, dim=1)
+        return super().forward(x).split(self.head_classes, dim=1)

@@ -5,6 +5,9 @@ import torch.nn as nn
 from models.registry import ModelSettings, kaiming_init, register_model, scaled
 
 
+# "convnet4": the reference's name for the same network, so its configs (model=convnet4) keep working.
+@register_model("convnet4")
+@register_model("conv4", ModelSettings)
 class Conv4(nn.Module):
     def __init__(self, width_mult: float = 1.0, in_channels: int = 3):
         super().__init__()
@@ -21,12 +24,3 @@ class Conv4(nn.Module):
 
     def forward(self, x):
         return self.layers(x)
-
-
-@register_model("conv4", ModelSettings)
-def conv4(width_mult: float = 1.0, in_channels: int = 3):
-    return Conv4(width_mult, in_channels)
-
-
-# The reference's name for the same network, so its configs (model=convnet4) keep working.
-register_model("convnet4")(conv4)

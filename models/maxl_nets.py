@@ -26,10 +26,12 @@ def init_maxl_weights(module: nn.Module, distribution: str) -> None:
             nn.init.zeros_(m.bias)
 
 
+@register_model("multitask")
 class MultiTaskNet(nn.Module):
     """A backbone with one head per task: `forward(x)` returns a tuple of logits, one per entry of `classes`.
 
-    One entry is the single-task net; two are MAXL's primary and auxiliary heads.
+    One entry is the single-task net; two are MAXL's primary and auxiliary heads. `backbone_args` go to the
+    backbone's factory (e.g. width_mult).
     """
 
     def __init__(self, backbone: str, classes: list[int], **backbone_args):
@@ -58,6 +60,7 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(~mask, float("-inf")).softmax(dim=1)
 
 
+@register_model("label_generator")
 class LabelGenerator(nn.Module):
     """MAXL's label generator: its own backbone and head; `forward(x, y)` gives a soft auxiliary label inside
     the psi block of each sample's primary class y.
@@ -80,13 +83,3 @@ class LabelGenerator(nn.Module):
     def forward(self, x, y):
         return masked_softmax(self.head(self.backbone(x)), self.mask[y])
 
-
-@register_model("multitask")
-def multitask(backbone: str, classes: list[int], **backbone_args):
-    """`backbone_args` go to the backbone's factory (e.g. width_mult)."""
-    return MultiTaskNet(backbone, classes, **backbone_args)
-
-
-@register_model("label_generator")
-def label_generator(backbone: str, psi: list[int], **backbone_args):
-    return LabelGenerator(backbone, psi, **backbone_args)

@@ -25,13 +25,9 @@ def register_model(name: str, settings: type | None = None):
     return add
 
 
-def model_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 def create_model(name: str, **kwargs) -> nn.Module:
     if name not in _REGISTRY:
-        raise UserError(f"unknown model '{name}': choose one of {', '.join(model_names())}")
+        raise UserError(f"unknown model '{name}': choose one of {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name](**kwargs)
 
 

@@ -8,13 +8,14 @@ from models.registry import register_model
 NORM_EPS = 1e-8  # the same floor on the feature norm as the evaluation's normalisation
 
 
+@register_model("resfc")
 class ResFC(nn.Module):
     """o = Linear(ReLU(Linear(ReLU(Linear(x))))); o = x + o if `residual`; then LayerNorm(out_dim) if `layer_norm`.
 
     The hidden layers have `out_dim` units (the reference leaves the width implicit; fine_tune uses 640 -> 640).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, residual: bool = True, layer_norm: bool = True):
+    def __init__(self, in_dim: int = 640, out_dim: int = 640, residual: bool = True, layer_norm: bool = True):
         super().__init__()
         if residual and in_dim != out_dim:
             raise ValueError(f"a residual ResFC needs in_dim == out_dim, got {in_dim} and {out_dim}")
@@ -27,11 +28,6 @@ class ResFC(nn.Module):
     def forward(self, x):
         out = self.mlp(x)
         return self.norm(x + out if self.residual else out)
-
-
-@register_model("resfc")
-def resfc(in_dim: int = 640, out_dim: int = 640, residual: bool = True, layer_norm: bool = True):
-    return ResFC(in_dim, out_dim, residual, layer_norm)
 
 
 class FrozenBackboneHead(nn.Module):

@@ -10,6 +10,7 @@ Inputs of any size from 16x16 up (84x84 for the ImageNet family, 32x32 in tests)
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -161,13 +162,5 @@ class ResNetSettings(ModelSettings):
                              "correct: whole blocks; reference: the original code's masks (partial blocks)")
 
 
-@register_model("resnet12", ResNetSettings)
-def resnet12(width_mult: float = 1.0, drop_rate: float = 0.1, dropblock_size: int = 5, in_channels: int = 3,
-             dropblock: str = "correct"):
-    return ResNet((1, 1, 1, 1), width_mult, drop_rate, dropblock_size, in_channels, dropblock)
-
-
-@register_model("resnet18", ResNetSettings)
-def resnet18(width_mult: float = 1.0, drop_rate: float = 0.1, dropblock_size: int = 5, in_channels: int = 3,
-             dropblock: str = "correct"):
-    return ResNet((1, 1, 2, 2), width_mult, drop_rate, dropblock_size, in_channels, dropblock)
+register_model("resnet12", ResNetSettings)(partial(ResNet, (1, 1, 1, 1)))
+register_model("resnet18", ResNetSettings)(partial(ResNet, (1, 1, 2, 2)))

@@ -10,6 +10,14 @@ from models.registry import ModelSettings, register_model, scaled
 VGG16_BLOCKS = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]  # (channels, 3x3 convs) per block
 
 
+@dataclass
+class VGGSettings(ModelSettings):
+    """VGG-16 (`model=vgg16`)."""
+
+    batch_norm: bool = setting(True, Boolean(), "false: the plain VGG-16 (no batch statistics)")
+
+
+@register_model("vgg16", VGGSettings)
 class VGG16(nn.Module):
     """Conv(3x3, pad 1, bias) -> BN -> ReLU repeated, each block ending in MaxPool(2); then flattened.
 
@@ -38,15 +46,3 @@ class VGG16(nn.Module):
                             f"{x.shape[-2]}x{x.shape[-1]}: resize the images or use model=resnet12, resnet18 or "
                             f"conv4, which pool globally")
         return self.blocks(x).flatten(1)
-
-
-@dataclass
-class VGGSettings(ModelSettings):
-    """VGG-16 (`model=vgg16`)."""
-
-    batch_norm: bool = setting(True, Boolean(), "false: the plain VGG-16 (no batch statistics)")
-
-
-@register_model("vgg16", VGGSettings)
-def vgg16(width_mult: float = 1.0, batch_norm: bool = True):
-    return VGG16(width_mult, batch_norm)
