@@ -31,7 +31,6 @@ CONFIDENCE = 0.95
 SHOWN = ("script", "evaluated", "method")  # what a run is: in the label whenever they differ
 MISSING = "-"  # the value of a setting a run does not have (runs of other scripts)
 SUMMARY_SUFFIXES = ("_last5_mean", "_best", "_last")  # summary keys that summarise a metrics.csv column
-GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 def show(value) -> str:
@@ -88,7 +87,7 @@ def expand(paths: list[str]) -> list[Path]:
         if Path(text).exists():
             found.append(Path(text))
             continue
-        matches = sorted(glob.glob(text, recursive=True)) if GLOB_CHARS.search(text) else []
+        matches = sorted(glob.glob(text, recursive=True)) if re.search(r"[*?\[]", text) else []
         if not matches:
             raise UserError(f"{text}: no such file or folder: give run directories, multirun folders or globs")
         found += [Path(match) for match in matches]
@@ -165,26 +164,22 @@ def legacy_headline(scalars: dict[str, float]) -> list[str]:
     return [key for key in scalars if re.fullmatch(r"[^/]+/\d+shot", key)]
 
 
-def read_run(run_dir: Path) -> Run:
+def read_run(run_dir: Path, finished: Path) -> Run:
+    """The run whose results (meta_eval's results.json, else summary.json) are `finished`."""
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     settings = {"script": show(script_of(run_dir))}
     seed, notes = config.get("seed"), []
-    summary_file, results_file = run_dir / "summary.json", run_dir / "results.json"
-    if results_file.is_file():
-        written = json.loads(results_file.read_text())
+    written = json.loads(finished.read_text())
+    if finished.name == "results.json":
         scalars = results_scalars(written)
         trained, notes = evaluated_checkpoint(written)
         seed = trained.get("seed", seed)
         settings["evaluated"] = show(written.get("script"))
-        settings |= identity(config, seed)
-        settings |= identity(trained, seed, "evaluated.")
-        finished = results_file
+        settings |= identity(config, seed) | identity(trained, seed, "evaluated.")
     else:
-        written = json.loads(summary_file.read_text())
         scalars = {key: float(value) for key, value in written.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)}
         settings |= identity(config, seed)
-        finished = summary_file
     return Run(run_dir, settings, seed, scalars, headline(written, scalars), finished.stat().st_mtime, notes)
 
 
@@ -203,7 +198,7 @@ def collect(paths: list[str]) -> tuple[list[Run], list[str]]:
             notes.append(f"unfinished run left out (no summary.json or results.json): {run_dir}")
         else:
             try:
-                runs.append(read_run(run_dir))
+                runs.append(read_run(run_dir, results[0]))
             except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:  # a half-written file
                 notes.append(f"unreadable run left out: {run_dir} ({type(exc).__name__}: {exc})")
     return runs, notes
