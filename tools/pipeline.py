@@ -179,8 +179,7 @@ def plan(chain: Chain) -> None:
                 raise UserError(f"{step.script}: run {step.name} already has {done} epochs (asked: epochs={asked}): "
                                 f"give {step.script}:epochs={done}, the pipeline another --name, or overwrite=true "
                                 f"to run every step again")
-            finished = done == asked and payload.get("position") is None
-            step.action = "skip" if finished else "run"
+            step.action = "skip" if done == asked else "run"  # finished: the checks above leave no position
         if step.action != "skip":
             runs_now.add(step.script)
     for step, trained in zip(chain.evaluations, chain.training):

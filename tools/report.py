@@ -31,6 +31,7 @@ CONFIDENCE = 0.95
 SHOWN = ("script", "evaluated", "method")  # what a run is: in the label whenever they differ
 MISSING = "-"  # the value of a setting a run does not have (runs of other scripts)
 SUMMARY_SUFFIXES = ("_last5_mean", "_best", "_last")  # summary keys that summarise a metrics.csv column
+STATS = ("mean", "ci95", "low", "high", "n")  # a metric's columns in --csv
 
 
 def show(value) -> str:
@@ -146,7 +147,7 @@ def results_scalars(results: dict) -> dict[str, float]:
 
 
 def headline(written: dict, scalars: dict[str, float]) -> list[str]:
-    """The default metrics of a run: the `headline` its summary.json / results.json names, else inferred."""
+    """The default metrics of a run: the `headline` its summary.json / results.json names."""
     named = written.get("headline")
     if isinstance(named, str):
         return [named]
@@ -156,9 +157,8 @@ def headline(written: dict, scalars: dict[str, float]) -> list[str]:
 
 
 def legacy_headline(scalars: dict[str, float]) -> list[str]:
-    """For runs written before summary.json and results.json named their `headline`: MAXL's test/acc_last5_mean
-    when the run has it, else every `<split>/<k>shot` (meta_eval's overall accuracies, MeLa training steps' last
-    validation), in the written order."""
+    """For runs written before results named their `headline`: MAXL's test/acc_last5_mean, else every
+    `<split>/<k>shot` (meta_eval's overall accuracies, MeLa training steps' last validation)."""
     if "test/acc_last5_mean" in scalars:
         return ["test/acc_last5_mean"]
     return [key for key in scalars if re.fullmatch(r"[^/]+/\d+shot", key)]
@@ -373,8 +373,8 @@ def cell(stats: dict | None) -> str:
 
 
 def table(groups: list[Group], keys: list[str], metrics: list[str], stats: dict) -> str:
-    header = ["#", *keys, "n", "seeds", *metrics] if keys else ["#", "runs", "n", "seeds", *metrics]
-    rows = [[str(g.index), *(g.settings.values() if keys else ["all"]), str(len(g.runs)),
+    header = ["#", *(keys or ["runs"]), "n", "seeds", *metrics]
+    rows = [[str(g.index), *(g.settings.values() or ["all"]), str(len(g.runs)),
              ",".join(show(s) for s in g.seeds), *(cell(stats[g.index].get(m)) for m in metrics)] for g in groups]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip() for row in [header, *rows]]
@@ -409,7 +409,7 @@ def plain(value):
 
 def write_csv(path: Path, groups, keys, metrics, stats) -> None:
     columns = ["group", "label", *keys, "n", "seeds"]
-    columns += [f"{m} {part}" for m in metrics for part in ("mean", "ci95", "low", "high", "n")]
+    columns += [f"{m} {part}" for m in metrics for part in STATS]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -417,7 +417,7 @@ def write_csv(path: Path, groups, keys, metrics, stats) -> None:
             row = [g.index, g.label, *g.settings.values(), len(g.runs), " ".join(show(s) for s in g.seeds)]
             for m in metrics:
                 s = stats[g.index].get(m)
-                row += [s[part] for part in ("mean", "ci95", "low", "high", "n")] if s else [""] * 5
+                row += [s[part] for part in STATS] if s else [""] * len(STATS)
             writer.writerow(row)
 
 
