@@ -191,8 +191,7 @@ def collect(paths: list[str]) -> tuple[list[Run], list[str]]:
         error = run_dir / ERROR_FILE
         results = [f for f in (run_dir / "results.json", run_dir / "summary.json") if f.is_file()]
         if error.is_file() and not (results and results[0].stat().st_mtime > error.stat().st_mtime):
-            lines = error.read_text().splitlines()
-            reason = next((line for line in lines if line.startswith("error:")), "error:")
+            reason = next((line for line in error.read_text().splitlines() if line.startswith("error:")), "error:")
             notes.append(f"failed job left out: {run_dir} ({reason.removeprefix('error:').strip()})")
         elif not results:
             notes.append(f"unfinished run left out (no summary.json or results.json): {run_dir}")
@@ -445,8 +444,7 @@ def curve_column(runs: list[Run], metrics: list[str], given: str | None) -> str:
                             f"{', '.join(sorted(columns)) or 'none (no metrics.csv)'}")
         return given
     for metric in metrics:
-        candidates = [metric] + [metric.removesuffix(s) for s in SUMMARY_SUFFIXES if metric.endswith(s)]
-        for candidate in candidates:
+        for candidate in [metric] + [metric.removesuffix(s) for s in SUMMARY_SUFFIXES if metric.endswith(s)]:
             if candidate in columns:
                 return candidate
     raise UserError(f"--plot: no metrics.csv column matches {', '.join(metrics)}: choose one with --curve "
