@@ -147,7 +147,7 @@ def results_scalars(results: dict) -> dict[str, float]:
 
 
 def headline(written: dict, scalars: dict[str, float]) -> list[str]:
-    """The default metrics of a run: the `headline` its summary.json / results.json names."""
+    """The default metrics of a run: the `headline` its summary.json / results.json names, else the legacy ones."""
     named = written.get("headline")
     if isinstance(named, str):
         return [named]
@@ -213,8 +213,8 @@ def differing_keys(runs: list[Run]) -> list[str]:
 
 def label_keys(runs: list[Run]) -> list[str]:
     """The differing settings that label the runs: `SHOWN` ones always, any other only when the rest do not
-    already separate the same groups. Dropped first: `dataset.primary_level`, then `primary_level`, then
-    `dataset.name`; later keys before earlier ones."""
+    already separate the same groups. Dropped first: keys inside a group (`dataset.primary_level`), then top-level
+    keys, then a choice's name (`dataset.name`); later keys before earlier ones."""
     differing = differing_keys(runs)
 
     def groups(using):
