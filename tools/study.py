@@ -33,8 +33,7 @@ def words(variable: str) -> list[str]:
 
 
 def value(variable: str, default: str | None = None) -> str | None:
-    text = " ".join(words(variable))
-    return text or default
+    return " ".join(words(variable)) or default
 
 
 def folder(variable: str, default: str) -> Path:
@@ -85,9 +84,9 @@ def mela(target: str) -> int:
 
 
 def pipeline() -> int:
-    name = words("NAME")
+    name = value("NAME")
     return run("-m", "tools.pipeline", "--dataset", *(words("DATASET") or ["synthetic_fs"]),
-               *(["--name", " ".join(name)] if name else []), "--", *words("ARGS"))
+               *(["--name", name] if name else []), "--", *words("ARGS"))
 
 
 def main(argv=None) -> int:
