@@ -4,9 +4,10 @@
                                [--seed 0 1 2] [--name NAME] [--out DIR] [--python PY] -- key=value ...
 
 Per chain: learn_meta_repr -> learn_labeler -> fine_tune, and sup_baseline (the oracle), then meta_eval of each,
-run `<NAME>_<dataset>_<model>_<step>_s<seed>` in `<DIR>/<dataset>_<model>_s<seed>/{train,eval}/<step>/`. The same
-command again continues the study. An override goes to every script that has its key, `SCRIPT:key=value` to that
-script alone; one no script knows is an error. Details: docs/experiments.md ("The MeLa study").
+run `<NAME>_<dataset>_<model>_<step>_s<seed>` in `<DIR>/<dataset>_<model>_s<seed>/{train,eval}/<step>/`; without
+--model or --seed, the scripts' model and seed (or the overrides'). The same command again continues the study.
+An override goes to every script that has its key, `SCRIPT:key=value` to that script alone; one no script knows
+is an error. Details: docs/experiments.md ("The MeLa study").
 """
 import argparse
 import itertools
