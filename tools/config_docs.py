@@ -26,18 +26,15 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def _scripts_having(key: str) -> str:
-    having = [name for name, script in SCRIPTS.items() if key in declared(script.settings)]
-    return "all" if len(having) == len(SCRIPTS) else ", ".join(having)
-
-
 def key_table() -> list[str]:
     rows, seen = ["| key | scripts | takes | meaning |", "|---|---|---|---|"], set()
     for script in SCRIPTS.values():
         for key, d in declared(script.settings).items():
             if key not in seen:
                 seen.add(key)
-                rows.append(f"| `{key}` | {_scripts_having(key)} | {_cell(d.rule.describe())} | {_cell(d.help)} |")
+                having = [name for name, other in SCRIPTS.items() if key in declared(other.settings)]
+                where = "all" if len(having) == len(SCRIPTS) else ", ".join(having)
+                rows.append(f"| `{key}` | {where} | {_cell(d.rule.describe())} | {_cell(d.help)} |")
     return rows
 
 

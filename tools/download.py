@@ -14,33 +14,13 @@ torchvision (md5-checked) into DIR. Exit status 1 if anything failed (docs/data_
 import argparse
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 from dataset.downloads import (ARCHIVE_SUFFIXES, MIRROR_VARIABLE, archive_names, archive_url, download,
                                pinned_checksums, unpack)
 from engine.errors import UserError
 from engine.workspace import data_root
-
-
-def _run_each(items, action, label) -> int:
-    """Apply `action` to every item, printing one line each; returns how many failed."""
-    failed = 0
-    for item in items:
-        try:
-            print(action(item), flush=True)
-        except UserError as exc:
-            failed += 1
-            print(f"{label(item)}: FAILED: {exc}", flush=True)
-    return failed
-
-
-def archives_in(data_dir: Path) -> list[Path]:
-    if not data_dir.is_dir():
-        raise UserError(f"{data_dir} does not exist: run `make download_all` first")
-    archives = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
-    if not archives:
-        raise UserError(f"no archives ({', '.join(ARCHIVE_SUFFIXES)}) in {data_dir}: run `make download_all`")
-    return archives
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,13 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "download":
             names = archive_names(args.names)
             pins = pinned_checksums(args.sha256, args.checksums)
-            failed = _run_each(names, lambda name: download(name, archive_url(name, args.mirror), data_dir,
-                                                            pins.get(name)), str)
-            total = len(names)
+            jobs = [(name, partial(download, name, archive_url(name, args.mirror), data_dir, pins.get(name)))
+                    for name in names]
         elif args.command == "unpack":
-            archives = archives_in(data_dir)
-            failed = _run_each(archives, lambda archive: unpack(archive, data_dir), lambda archive: archive.name)
-            total = len(archives)
+            if not data_dir.is_dir():
+                raise UserError(f"{data_dir} does not exist: run `make download_all` first")
+            archives = sorted(p for p in data_dir.iterdir() if p.is_file() and p.name.endswith(ARCHIVE_SUFFIXES))
+            if not archives:
+                raise UserError(f"no archives ({', '.join(ARCHIVE_SUFFIXES)}) in {data_dir}: run `make download_all`")
+            jobs = [(archive.name, partial(unpack, archive, data_dir)) for archive in archives]
         else:
             from dataset import cifar100
 
@@ -79,8 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    failed = 0
+    for label, job in jobs:  # one line each; a failure does not stop the others
+        try:
+            print(job(), flush=True)
+        except UserError as exc:
+            failed += 1
+            print(f"{label}: FAILED: {exc}", flush=True)
     if failed:
-        print(f"error: {failed} of {total} failed (see above)", file=sys.stderr)
+        print(f"error: {failed} of {len(jobs)} failed (see above)", file=sys.stderr)
     return 1 if failed else 0
 
 

@@ -3,24 +3,14 @@
     python -m tools.pipeline --dataset miniImageNet [tieredImageNet ...] [--model resnet12 resnet18 ...]
                                [--seed 0 1 2] [--name NAME] [--out DIR] [--python PY] -- key=value ...
 
-For every dataset, model and seed (one chain): learn_meta_repr -> learn_labeler (pretrained_labeler = step 1) ->
-fine_tune (pretrained_model = step 2), and sup_baseline (the oracle); then meta_eval of each of the four. A run is
-named `<NAME>_<dataset>_<model>_<step>_s<seed>` (NAME: pipeline unless given), so each step finds the previous
-one's checkpoint by name, and its run directory is `<DIR>/<dataset>_<model>_s<seed>/train/<step>/` (meta_eval's:
-`.../eval/<step>/`; DIR: logs/pipeline/<NAME> unless given), so `python -m tools.report '<DIR>/*/eval'` gives
-the table over seeds. Without --model or --seed, the scripts' `model` and `seed` (or those among the overrides).
-
-Running the same command again continues the study: a training step whose run is finished (its last.pt holds the
-last epoch, not a place inside one) is skipped, an interrupted one continues (resume=auto), and one whose input
-step ran after it (or runs now) starts again (overwrite=true); a run that exists with other settings than asked
-is an error before any work starts. meta_eval runs again unless its results are newer than the checkpoint it
-scores and were made with the same settings. `overwrite=true` among the overrides runs every step again.
-
-Every override goes to each script whose config has its key (e.g. `epochs=...` to the training steps,
-`model.width_mult=...` to all of them); `SCRIPT:key=value` goes to that script alone (e.g. `fine_tune:epochs=2`);
-an override no script knows is an error. `make pipeline` and `make mela_study` call this.
+Per chain: learn_meta_repr -> learn_labeler -> fine_tune, and sup_baseline (the oracle), then meta_eval of each,
+run `<NAME>_<dataset>_<model>_<step>_s<seed>` in `<DIR>/<dataset>_<model>_s<seed>/{train,eval}/<step>/`; without
+--model or --seed, the scripts' model and seed (or the overrides'). The same command again continues the study.
+An override goes to every script that has its key, `SCRIPT:key=value` to that script alone; one no script knows
+is an error. Details: docs/experiments.md ("The MeLa study").
 """
 import argparse
+import itertools
 import json
 import subprocess
 import sys
@@ -107,33 +97,30 @@ def chains(args, given: dict[str, list[str]]) -> list[Chain]:
     models = split_values(args.model)
     if models and any(o.split("=", 1)[0].lstrip("+~") == "model" for overrides in given.values() for o in overrides):
         raise UserError("model= among the overrides and --model: give the models once, by --model")
-    name = args.name
-    found = []
-    for dataset in split_values(args.dataset):
-        for model in models or [None]:
-            for seed in seeds or [None]:
-                axes = [f"dataset={dataset}", *([f"model={model}"] if model else []),
-                        *([f"seed={seed}"] if seed is not None else [])]
-                first = compose(SCRIPTS[TRAINING[0]], [*axes, *given[TRAINING[0]]])
-                model_name, seed_value = str(first.model.name), int(first.seed)
-                folder = (args.out or Path("logs") / "pipeline" / name) / f"{dataset}_{model_name}_s{seed_value}"
-                chain = Chain(dataset, model_name, seed_value, folder)
+    name, found = args.name, []
+    for dataset, model, seed in itertools.product(split_values(args.dataset), models or [None], seeds or [None]):
+        axes = [f"dataset={dataset}", *([f"model={model}"] if model else []),
+                *([f"seed={seed}"] if seed is not None else [])]
+        first = compose(SCRIPTS[TRAINING[0]], [*axes, *given[TRAINING[0]]])
+        model_name, seed_value = str(first.model.name), int(first.seed)
+        folder = (args.out or Path("logs") / "pipeline" / name) / f"{dataset}_{model_name}_s{seed_value}"
+        chain = Chain(dataset, model_name, seed_value, folder)
 
-                def run_name(step, chain=chain):
-                    return f"{name}_{chain.dataset}_{chain.model}_{step}_s{chain.seed}"
+        def run_name(step):
+            return f"{name}_{dataset}_{model_name}_{step}_s{seed_value}"
 
-                for script in TRAINING:
-                    inputs = [f"{INPUTS[script][0]}={run_name(INPUTS[script][1])}"] if script in INPUTS else []
-                    overrides = [*axes, *given[script], *inputs, f"name={run_name(script)}"]
-                    chain.training.append(Step(script, run_name(script), overrides, folder / "train" / script,
-                                               compose(SCRIPTS[script], overrides)))
-                evaluation = compose(SCRIPTS[EVALUATION], [*axes, *given[EVALUATION]])  # the same but for its input
-                for trained in TRAINING:
-                    inputs = {"pretrained_model": run_name(trained), "name": run_name(f"eval_{trained}")}
-                    overrides = [*axes, *given[EVALUATION], *(f"{k}={v}" for k, v in inputs.items())]
-                    chain.evaluations.append(Step(EVALUATION, inputs["name"], overrides, folder / "eval" / trained,
-                                                  OmegaConf.merge(evaluation, inputs)))
-                found.append(chain)
+        for script in TRAINING:
+            inputs = [f"{INPUTS[script][0]}={run_name(INPUTS[script][1])}"] if script in INPUTS else []
+            overrides = [*axes, *given[script], *inputs, f"name={run_name(script)}"]
+            chain.training.append(Step(script, run_name(script), overrides, folder / "train" / script,
+                                       compose(SCRIPTS[script], overrides)))
+        evaluation = compose(SCRIPTS[EVALUATION], [*axes, *given[EVALUATION]])  # the same but for its input
+        for trained in TRAINING:
+            inputs = {"pretrained_model": run_name(trained), "name": run_name(f"eval_{trained}")}
+            overrides = [*axes, *given[EVALUATION], *(f"{k}={v}" for k, v in inputs.items())]
+            chain.evaluations.append(Step(EVALUATION, inputs["name"], overrides, folder / "eval" / trained,
+                                          OmegaConf.merge(evaluation, inputs)))
+        found.append(chain)
     return found
 
 
@@ -193,8 +180,7 @@ def plan(chain: Chain) -> None:
                 raise UserError(f"{step.script}: run {step.name} already has {done} epochs (asked: epochs={asked}): "
                                 f"give {step.script}:epochs={done}, the pipeline another --name, or overwrite=true "
                                 f"to run every step again")
-            finished = done == asked and payload.get("position") is None
-            step.action = "skip" if finished else "run"
+            step.action = "skip" if done == asked else "run"  # finished: the checks above leave no position
         if step.action != "skip":
             runs_now.add(step.script)
     for step, trained in zip(chain.evaluations, chain.training):

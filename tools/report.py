@@ -3,34 +3,8 @@
     python -m tools.report PATH... [--metric KEY]... [--compare A B]... [--plot FILE] [--curve COLUMN]
                                     [--csv FILE] [--json FILE]
 
-PATH is a run directory (it holds the config.yaml a script wrote), any folder holding run directories at any
-depth (a multirun folder, a study folder) or a quoted glob. Jobs that failed (their folder holds error.txt) and
-runs without results (no summary.json / results.json yet) are listed and left out.
-
-A run is what the engine says it is: its settings are exactly those the engine hashes into a run's name
-(`engine.config.leaves`: every config.yaml leaf but the top-level keys of `engine.config.unnamed_settings()`: the seed,
-the name, paths, devices and other settings a run may change when continued), plus `script`; for meta_eval also
-`evaluated`, the step whose checkpoint it scored, and that checkpoint's own settings as `evaluated.<key>`. The
-seed is the replicate: a value that names another run of the same seed (`pretrained_model=..._s1` in the run of
-seed 1, as the MeLa pipeline chains its steps) is compared with the seed written as `_s<seed>`, so the chains of
-a study over seeds form one group. Runs are labelled by the settings that differ between the given runs, never by
-names or times; a differing setting that the others already imply (e.g. `model.drop_rate` when `model.name`
-differs too) is left out of the label. Runs whose settings are equal form a group: they differ only by seed. A
-meta_eval run's seed is that of the checkpoint it evaluated. A run folder reached twice (a path given twice, a
-glob and a folder) counts once; two folders with the same settings and seed are both kept, with a note.
-
-Default metrics, per run: the `headline` list its summary.json or results.json names (MAXL: test/acc_last5_mean,
-the test accuracy averaged over the last 5 epochs; meta_eval: `<split>/<k>shot` for each shot count, accuracy
-over all tasks; MeLa training steps: `val/<k>shot`); runs written before results named it: `legacy_headline`.
-`--metric KEY` takes a key of summary.json, of results.json (`<split>/<k>shot`, `<split>/<k>shot/<sub>` per
-sub-dataset), or a metrics.csv column (its last epoch's value).
-
-Per group and metric: n runs, the mean over seeds and the 95% t-interval mean +- t(0.975, n-1) * s / sqrt(n)
-(s: the sample standard deviation; `engine.metrics.mean_ci95`). `--compare A B`: A and B are group numbers (as
-printed) or settings (`method=maxl`, several joined by commas); every group of A is paired with the group of B
-that agrees on the other settings (or with B's only group), and the runs with the same seed are compared: the
-mean difference A - B, its 95% t-interval and the two-sided p-value of a paired t-test (scipy.stats.ttest_rel)
-over the n common seeds (a seed with several runs in one group pairs with nothing: it is named as left out).
+What a run's settings are, how runs are labelled and grouped, the default metrics, the statistics and the paired
+comparisons: docs/experiments.md ("The report").
 """
 import argparse
 import csv
@@ -40,7 +14,7 @@ import math
 import re
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -57,7 +31,7 @@ CONFIDENCE = 0.95
 SHOWN = ("script", "evaluated", "method")  # what a run is: in the label whenever they differ
 MISSING = "-"  # the value of a setting a run does not have (runs of other scripts)
 SUMMARY_SUFFIXES = ("_last5_mean", "_best", "_last")  # summary keys that summarise a metrics.csv column
-GLOB_CHARS = re.compile(r"[*?\[]")
+STATS = ("mean", "ci95", "low", "high", "n")  # a metric's columns in --csv
 
 
 def show(value) -> str:
@@ -66,28 +40,18 @@ def show(value) -> str:
 
 
 def identity(config: dict, seed, prefix: str = "") -> dict[str, str]:
-    """The settings of a run's config that tell it apart: exactly those the engine hashes into a run's name
-    (`engine.config.leaves` without the top-level keys of `unnamed_settings()`), as shown, with the replicate's `seed`
-    written as `_s<seed>` in values that name a run of that seed (see the module docstring)."""
+    """The settings the engine hashes into a run's name, as shown, with `_s<seed>` for the replicate's seed in
+    values that name a run of that seed (`pretrained_model=..._s1`), so the chains over seeds form one group."""
     hashed = leaves(OmegaConf.create(config), skip=unnamed_settings(), strict=False)
-    return {f"{prefix}{key}": without_seed(show(value), seed) for key, value in hashed.items()}
-
-
-def without_seed(value: str, seed) -> str:
-    """`value` with each `_s` + the seed's digits (not followed by another digit: a run name's seed) replaced by
-    the literal text `_s<seed>`."""
+    settings = {f"{prefix}{key}": show(value) for key, value in hashed.items()}
     if not isinstance(seed, int) or isinstance(seed, bool):
-        return value
-    return re.sub(rf"_s{seed}(?![0-9])", "_s<seed>", value)
+        return settings
+    return {key: re.sub(rf"_s{seed}(?![0-9])", "_s<seed>", value) for key, value in settings.items()}
 
 
 def natural_key(path: Path):
     """Job 10 after job 9: digits compare as numbers."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-
-
-def number(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 @dataclass
@@ -98,7 +62,7 @@ class Run:
     scalars: dict[str, float]         # summary.json and results.json values
     defaults: list[str]               # its headline metric(s)
     finished_at: float                # when its results were written
-    notes: list[str] = field(default_factory=list)
+    notes: list[str]
 
     @cached_property
     def history(self) -> list[dict]:
@@ -109,8 +73,7 @@ class Run:
         """`key` from summary/results, else the last finite value of that metrics.csv column."""
         if key in self.scalars:
             return self.scalars[key]
-        finite = [row[key] for row in self.history if key in row and math.isfinite(row[key])]
-        return finite[-1] if finite else None
+        return next((row[key] for row in reversed(self.history) if key in row and math.isfinite(row[key])), None)
 
     def curve(self, column: str) -> dict[int, float]:
         return {int(row["epoch"]): row[column] for row in self.history
@@ -125,7 +88,7 @@ def expand(paths: list[str]) -> list[Path]:
         if Path(text).exists():
             found.append(Path(text))
             continue
-        matches = sorted(glob.glob(text, recursive=True)) if GLOB_CHARS.search(text) else []
+        matches = sorted(glob.glob(text, recursive=True)) if re.search(r"[*?\[]", text) else []
         if not matches:
             raise UserError(f"{text}: no such file or folder: give run directories, multirun folders or globs")
         found += [Path(match) for match in matches]
@@ -184,7 +147,7 @@ def results_scalars(results: dict) -> dict[str, float]:
 
 
 def headline(written: dict, scalars: dict[str, float]) -> list[str]:
-    """The default metrics of a run: the `headline` its summary.json / results.json names, else inferred."""
+    """The default metrics of a run: the `headline` its summary.json / results.json names, else the legacy ones."""
     named = written.get("headline")
     if isinstance(named, str):
         return [named]
@@ -194,33 +157,29 @@ def headline(written: dict, scalars: dict[str, float]) -> list[str]:
 
 
 def legacy_headline(scalars: dict[str, float]) -> list[str]:
-    """For runs written before summary.json and results.json named their `headline`: MAXL's test/acc_last5_mean
-    when the run has it, else every `<split>/<k>shot` (meta_eval's overall accuracies, MeLa training steps' last
-    validation), in the written order."""
+    """For runs written before results named their `headline`: MAXL's test/acc_last5_mean, else every
+    `<split>/<k>shot` (meta_eval's overall accuracies, MeLa training steps' last validation)."""
     if "test/acc_last5_mean" in scalars:
         return ["test/acc_last5_mean"]
     return [key for key in scalars if re.fullmatch(r"[^/]+/\d+shot", key)]
 
 
-def read_run(run_dir: Path) -> Run:
+def read_run(run_dir: Path, finished: Path) -> Run:
+    """The run whose results (meta_eval's results.json, else summary.json) are `finished`."""
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     settings = {"script": show(script_of(run_dir))}
     seed, notes = config.get("seed"), []
-    summary_file, results_file = run_dir / "summary.json", run_dir / "results.json"
-    if results_file.is_file():
-        written = json.loads(results_file.read_text())
+    written = json.loads(finished.read_text())
+    if finished.name == "results.json":
         scalars = results_scalars(written)
         trained, notes = evaluated_checkpoint(written)
         seed = trained.get("seed", seed)
         settings["evaluated"] = show(written.get("script"))
-        settings |= identity(config, seed)
-        settings |= identity(trained, seed, "evaluated.")
-        finished = results_file
+        settings |= identity(config, seed) | identity(trained, seed, "evaluated.")
     else:
-        written = json.loads(summary_file.read_text())
-        scalars = {key: number(value) for key, value in written.items() if number(value) is not None}
+        scalars = {key: float(value) for key, value in written.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
         settings |= identity(config, seed)
-        finished = summary_file
     return Run(run_dir, settings, seed, scalars, headline(written, scalars), finished.stat().st_mtime, notes)
 
 
@@ -232,14 +191,13 @@ def collect(paths: list[str]) -> tuple[list[Run], list[str]]:
         error = run_dir / ERROR_FILE
         results = [f for f in (run_dir / "results.json", run_dir / "summary.json") if f.is_file()]
         if error.is_file() and not (results and results[0].stat().st_mtime > error.stat().st_mtime):
-            lines = error.read_text().splitlines()
-            reason = next((line for line in lines if line.startswith("error:")), "error:")
+            reason = next((line for line in error.read_text().splitlines() if line.startswith("error:")), "error:")
             notes.append(f"failed job left out: {run_dir} ({reason.removeprefix('error:').strip()})")
         elif not results:
             notes.append(f"unfinished run left out (no summary.json or results.json): {run_dir}")
         else:
             try:
-                runs.append(read_run(run_dir))
+                runs.append(read_run(run_dir, results[0]))
             except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:  # a half-written file
                 notes.append(f"unreadable run left out: {run_dir} ({type(exc).__name__}: {exc})")
     return runs, notes
@@ -254,10 +212,9 @@ def differing_keys(runs: list[Run]) -> list[str]:
 
 
 def label_keys(runs: list[Run]) -> list[str]:
-    """The differing settings that label the runs: `SHOWN` ones always, any other only when needed, i.e. it is
-    dropped when the other keys already separate the same groups. Dropped first: keys inside a group
-    (`dataset.primary_level`), then top-level keys (`primary_level`), then the names of a choice (`dataset.name`);
-    later keys before earlier ones."""
+    """The differing settings that label the runs: `SHOWN` ones always, any other only when the rest do not
+    already separate the same groups. Dropped first: keys inside a group (`dataset.primary_level`), then top-level
+    keys, then a choice's name (`dataset.name`); later keys before earlier ones."""
     differing = differing_keys(runs)
 
     def groups(using):
@@ -296,11 +253,12 @@ class Group:
         """(seed, value) of each run that has the metric, in the group's order."""
         return [(run.seed, v) for run in self.runs if (v := run.value(metric)) is not None]
 
-    def by_seed(self, metric: str) -> tuple[dict, list]:
-        """seed -> value for the seeds with one run that has the metric; the seeds with several such runs."""
-        seeds = [seed for seed, _ in self.values(metric)]
-        repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=seed_order)
-        return {s: v for s, v in self.values(metric) if s not in repeated}, repeated
+    def by_seed(self, metric: str) -> dict[object, list[float]]:
+        """seed -> the values of its runs that have the metric (several when a seed has several runs)."""
+        grouped: dict = {}
+        for seed, value in self.values(metric):
+            grouped.setdefault(seed, []).append(value)
+        return grouped
 
 
 def seed_order(seed):
@@ -393,9 +351,9 @@ def compare(groups, comparisons, metrics, keys, labels) -> list[dict]:
     for a, b in comparisons:
         for ga, gb in pairs(groups, a, b, keys, labels):
             for metric in metrics:
-                (va, repeated_a), (vb, repeated_b) = ga.by_seed(metric), gb.by_seed(metric)
-                repeated = sorted(set(repeated_a) | set(repeated_b), key=seed_order)
-                va, vb = ({s: v for s, v in side.items() if s not in repeated} for side in (va, vb))
+                sides = ga.by_seed(metric), gb.by_seed(metric)
+                repeated = sorted({s for side in sides for s, v in side.items() if len(v) > 1}, key=seed_order)
+                va, vb = ({s: v[0] for s, v in side.items() if s not in repeated} for side in sides)
                 if va and vb:
                     found.append({"a": ga.index, "b": gb.index, "a_label": ga.label, "b_label": gb.label,
                                   "metric": metric, **paired_difference(va, vb),
@@ -414,8 +372,8 @@ def cell(stats: dict | None) -> str:
 
 
 def table(groups: list[Group], keys: list[str], metrics: list[str], stats: dict) -> str:
-    header = ["#", *keys, "n", "seeds", *metrics] if keys else ["#", "runs", "n", "seeds", *metrics]
-    rows = [[str(g.index), *(g.settings.values() if keys else ["all"]), str(len(g.runs)),
+    header = ["#", *(keys or ["runs"]), "n", "seeds", *metrics]
+    rows = [[str(g.index), *(g.settings.values() or ["all"]), str(len(g.runs)),
              ",".join(show(s) for s in g.seeds), *(cell(stats[g.index].get(m)) for m in metrics)] for g in groups]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip() for row in [header, *rows]]
@@ -450,8 +408,7 @@ def plain(value):
 
 def write_csv(path: Path, groups, keys, metrics, stats) -> None:
     columns = ["group", "label", *keys, "n", "seeds"]
-    columns += [f"{m} {part}" for m in metrics for part in ("mean", "ci95", "low", "high", "n")]
-    path.parent.mkdir(parents=True, exist_ok=True)
+    columns += [f"{m} {part}" for m in metrics for part in STATS]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -459,16 +416,8 @@ def write_csv(path: Path, groups, keys, metrics, stats) -> None:
             row = [g.index, g.label, *g.settings.values(), len(g.runs), " ".join(show(s) for s in g.seeds)]
             for m in metrics:
                 s = stats[g.index].get(m)
-                row += [s[part] for part in ("mean", "ci95", "low", "high", "n")] if s else [""] * 5
+                row += [s[part] for part in STATS] if s else [""] * len(STATS)
             writer.writerow(row)
-
-
-def seed_values(pairs: list[tuple]) -> dict:
-    """seed -> value (a list of values for a seed with several runs), for the JSON."""
-    grouped: dict = {}
-    for seed, value in pairs:
-        grouped.setdefault(seed, []).append(value)
-    return {seed: values[0] if len(values) == 1 else values for seed, values in grouped.items()}
 
 
 def write_json(path: Path, groups, keys, metrics, stats, comparisons, notes) -> None:
@@ -476,11 +425,12 @@ def write_json(path: Path, groups, keys, metrics, stats, comparisons, notes) -> 
         "metrics": metrics, "settings": keys, "confidence": CONFIDENCE,
         "groups": [{"group": g.index, "label": g.label, "settings": g.settings, "n": len(g.runs), "seeds": g.seeds,
                     "runs": [str(r.path) for r in g.runs],
-                    "metrics": {m: {**s, "values": seed_values(g.values(m))} for m, s in stats[g.index].items()}}
+                    "metrics": {m: {**s, "values": {seed: v[0] if len(v) == 1 else v  # a list: a seed's runs
+                                                    for seed, v in g.by_seed(m).items()}}
+                                for m, s in stats[g.index].items()}}
                    for g in groups],
         "comparisons": comparisons, "notes": notes,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(plain(document), indent=2))
 
 
@@ -494,8 +444,7 @@ def curve_column(runs: list[Run], metrics: list[str], given: str | None) -> str:
                             f"{', '.join(sorted(columns)) or 'none (no metrics.csv)'}")
         return given
     for metric in metrics:
-        candidates = [metric] + [metric.removesuffix(s) for s in SUMMARY_SUFFIXES if metric.endswith(s)]
-        for candidate in candidates:
+        for candidate in [metric] + [metric.removesuffix(s) for s in SUMMARY_SUFFIXES if metric.endswith(s)]:
             if candidate in columns:
                 return candidate
     raise UserError(f"--plot: no metrics.csv column matches {', '.join(metrics)}: choose one with --curve "
@@ -515,12 +464,6 @@ def mean_curves(groups: list[Group], column: str) -> dict[int, tuple[list, np.nd
     return curves
 
 
-def is_fraction(column: str) -> bool:
-    """An accuracy column (MAXL's test/acc, MeLa's val/5shot): its values lie in [0, 1]."""
-    name = column.rsplit("/", 1)[-1]
-    return "acc" in name or name.endswith("shot")
-
-
 def figure(groups: list[Group], column: str):
     import matplotlib
 
@@ -531,8 +474,10 @@ def figure(groups: list[Group], column: str):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = {g.index: f"#{g.index} {g.label} (n={len(g.runs)})" for g in groups}
     curves = mean_curves(groups, column)
-    # an accuracy's band stays inside [0, 1] (a t-interval over few seeds can reach past it)
-    bounded = is_fraction(column) and all(((m >= 0) & (m <= 1)).all() for _, m, _ in curves.values())
+    # an accuracy's band (test/acc, val/5shot) stays inside [0, 1] (a t-interval over few seeds can reach past it)
+    name = column.rsplit("/", 1)[-1]
+    bounded = "acc" in name or name.endswith("shot")
+    bounded = bounded and all(((m >= 0) & (m <= 1)).all() for _, m, _ in curves.values())
     for index, (epochs, means, half) in curves.items():
         shown = [e + 1 for e in epochs]  # metrics.csv counts epochs from 0, the log and the figures from 1
         line, = ax.plot(shown, means, marker="." if len(epochs) < 30 else None, label=labels[index])
@@ -548,15 +493,6 @@ def figure(groups: list[Group], column: str):
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
-
-
-def plot(path: Path, groups: list[Group], column: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = figure(groups, column)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # ---- command line -----------------------------------------------------------------------------------------
@@ -604,6 +540,9 @@ def report(args) -> None:
     if comparisons:
         print("\npaired by seed (A - B):")
         print("\n".join(comparison_line(c) for c in comparisons))
+    for path in (args.csv, args.json, args.plot):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
     if args.csv:
         write_csv(args.csv, groups, keys, metrics, stats)
         print(f"csv: {args.csv}")
@@ -611,7 +550,11 @@ def report(args) -> None:
         write_json(args.json, groups, keys, metrics, stats, comparisons, notes)
         print(f"json: {args.json}")
     if args.plot:
-        plot(args.plot, groups, column)
+        import matplotlib.pyplot as plt
+
+        fig = figure(groups, column)
+        fig.savefig(args.plot, dpi=120)
+        plt.close(fig)
         print(f"plot: {args.plot} ({column})")
 
 
