@@ -1,8 +1,8 @@
 """Hydra entry point of every script: composes and validates the config, opens a `Session`, turns `UserError` into
 one line. In a sweep (`-m`) a failed job is recorded in its folder (`error.txt`) and the other jobs still run; the
 sweep then lists the failures and exits 1. An interrupted run (SIGTERM/SIGUSR1/SIGINT) exits 128 + the signal."""
-import difflib
 import copyreg
+import dataclasses
 import functools
 import logging
 import os
@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 import hydra
+import torch
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -20,16 +21,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from engine.config import (  # importing engine.config registers the run-name resolvers
-    CONFIG_DIR,
-    SCRIPTS,
-    validate_and_name,
-)
+from engine.config import CONFIG_DIR, SCRIPTS, _hydra_view, validate_and_name  # (registers the name resolvers)
 from engine.errors import ERROR_FILE, RunInterrupted, UserError
 from engine.help import group_options, register_help
 from engine.script import Script
+from engine.runs import RunLock
 from engine.session import Session
-from engine.settings import check_directory, declared, defaults
+from engine.settings import check_directory, closest, declared, defaults
 from engine.workspace import workspace_root
 
 log = logging.getLogger("metalabel")
@@ -50,8 +48,6 @@ def _join_process_group() -> None:
     directory (rank 0's time stamp), and let only rank 0 write Hydra's own files."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or dist.is_initialized():
         return
-    import torch
-
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
     dist.broadcast_object_list(stamp, src=0)
@@ -87,9 +83,6 @@ def claim_run_dir(config: DictConfig) -> None:
     folder) is refused; a stamped directory (the default) that another process of this run created in the same
     second is replaced by `<stamp>_2`, `<stamp>_3` ...; a fixed one of a run held by a live process is refused before
     anything is written into it (the same run continuing into its own directory is fine)."""
-    from engine.config import _hydra_view
-    from engine.runs import RunLock
-
     HydraConfig.instance().set_config(config)
     if int(os.environ.get("RANK", 0)) > 0:
         return  # rank 0 claims the directory of a torchrun job
@@ -191,10 +184,8 @@ def register(script: Script) -> None:
 
 
 def _closest(name: str, names) -> str:
-    names = list(names)
-    by_lower = {n.lower(): n for n in names}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
-    return f"did you mean {by_lower[close[0]]}? " if close else ""
+    close = closest(name, names)
+    return f"did you mean {close}? " if close else ""
 
 
 def check_command_line(script: Script, argv: list[str]) -> None:
@@ -247,8 +238,7 @@ def _unpickled(*fields) -> Script:
 
 # A sweep's launcher may run the job in another process (submitit), which never imports the script: there the
 # unpickled script registers itself, as the script's import does here.
-copyreg.pickle(Script, lambda s: (_unpickled, (s.name, s.settings, s.groups, s.checks, s.lr_key,
-                                               s.writes_checkpoints)))
+copyreg.pickle(Script, lambda s: (_unpickled, tuple(getattr(s, f.name) for f in dataclasses.fields(s))))
 
 
 def hydra_main(script: Script):
