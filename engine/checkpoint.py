@@ -11,10 +11,9 @@ from engine.errors import UserError
 
 
 def file_identity(path: Path) -> str:
-    """What a later step records of the checkpoint it started from: the sha256 of its bytes. A content hash rather
-    than the payload's script/epoch/position with the file's size and mtime: it tells apart any two different
-    checkpoints (a run extended, or started again with overwrite=true and as many epochs, writes the same epoch
-    and position), and a copied or touched file is still the same one."""
+    """What a later step records of the checkpoint it started from: the sha256 of its bytes. Not script, epoch,
+    size and mtime: a run extended, or started again with as many epochs, writes the same epoch and position, and a
+    copied or touched file is still the same one."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

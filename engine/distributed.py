@@ -1,8 +1,5 @@
-"""Several processes (torchrun): sharded sampling, reductions, per-rank RNG state in checkpoints.
-
-Every rank runs the same script on the same config. Models start identical (same seed), data is sharded, and
-metrics are reduced; rank 0 alone writes logs, metrics and checkpoints.
-"""
+"""Several processes (torchrun): sharded sampling, reductions, gathering. Every rank runs the same script on the
+same config: models start identical (same seed), data is sharded, metrics are reduced; rank 0 alone writes files."""
 import os
 import random
 
@@ -105,10 +102,8 @@ class ShardedShuffleSampler(torch.utils.data.Sampler):
                 for position, index in enumerate(mine[first:], start=first))
 
     def _usable(self) -> int:
-        if self.drop_last:
-            step = self.world_size * self.batch_size
-            return self.size // step * step
-        return self.size // self.world_size * self.world_size
+        step = self.world_size * (self.batch_size if self.drop_last else 1)
+        return self.size // step * step
 
     def __len__(self):
         return self._usable() // self.world_size

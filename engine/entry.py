@@ -175,7 +175,7 @@ def check_launcher(hydra_cfg: DictConfig) -> None:
 
 def register(script: Script) -> None:
     """Give Hydra the script's declared defaults (`<name>_settings`, listed first in config/<name>.yaml) and its
-    generated --help, and the run-name resolvers the script."""
+    generated --help, and the run-name resolvers the script (`SCRIPTS`)."""
     if SCRIPTS.get(script.name) is script:
         return
     SCRIPTS[script.name] = script
@@ -207,10 +207,9 @@ def check_command_line(script: Script, argv: list[str]) -> None:
     keys = declared(script.settings)
     for override in overrides:
         key = override.key_or_group
-        if override.type != OverrideType.CHANGE or override.package is not None or "/" in key \
-                or key.split(".", 1)[0] == "hydra":
-            continue
         root = key.split(".", 1)[0]
+        if override.type != OverrideType.CHANGE or override.package is not None or "/" in key or root == "hydra":
+            continue
         if root not in keys and root not in script.groups:
             raise UserError(f"{override.input_line}: {root} is not a setting of {script.name}.py: "
                             f"{_closest(root, [*keys, *script.groups])}(python {script.name}.py --help lists the keys)")
@@ -243,10 +242,7 @@ copyreg.pickle(Script, lambda s: (_unpickled, tuple(getattr(s, f.name) for f in 
 
 def hydra_main(script: Script):
     """Decorate `main(cfg, session)`: Hydra composes the config, the engine validates it and opens a session around
-    the call.
-
-    A `UserError` anywhere becomes one line on stderr and exit status 1.
-    """
+    the call. A `UserError` anywhere becomes one line on stderr and exit status 1."""
     register(script)
 
     def decorate(main):

@@ -1,12 +1,10 @@
 """The loop every training script runs: epochs of phases of steps, metrics, checkpoints (`last`, best per monitor),
 resume at an epoch end or in the middle of a phase, orderly stops on signals, and a stop on a diverging loss.
 
-A job's epoch is a list of `Phase`s, each a pass over a loader calling `step(batch, tracker)` per batch (MAXL: the
-multi-task pass, then the meta pass; MeLa: one pass). The engine owns the batch loop, so it can checkpoint between
-any two steps: on SIGTERM, SIGUSR1 or SIGINT (SLURM's pre-emption and time-limit signals, Ctrl-C), and every
-`checkpoint_every` minutes. Such a checkpoint holds the run's place (epoch, phase, step), the running metrics of the
-epoch and every RNG; loaders re-enter the pass at that batch with the same data (see `ShardedShuffleSampler`), so
-the continued run ends bit-identical (on CPU) to an uninterrupted one.
+The engine owns the batch loop, so it can checkpoint between any two steps: on SIGTERM, SIGUSR1 or SIGINT (SLURM's
+pre-emption and time-limit signals, Ctrl-C), and every `checkpoint_every` minutes. Such a checkpoint holds the
+run's place (epoch, phase, step), the epoch's running metrics and every RNG; loaders re-enter the pass at that
+batch with the same data (`ShardedShuffleSampler`), so the continued run ends bit-identical (on CPU).
 """
 import json
 import logging
@@ -39,7 +37,8 @@ SUBMITIT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNA
 
 @dataclass
 class Phase:
-    """One pass of an epoch: `step(batch, tracker)` for every batch of `loader` (a shuffled `session.loader`)."""
+    """One pass of an epoch: `step(batch, tracker)` for every batch of `loader` (a shuffled `session.loader`).
+    MAXL's epoch: the multi-task pass, then the meta pass; MeLa's: one pass."""
 
     name: str
     loader: torch.utils.data.DataLoader
@@ -120,22 +119,6 @@ def _agree(session, local: list[int]) -> list[int]:
     flags = torch.tensor(local, dtype=torch.int64, device=session.device)
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     return flags.tolist()
-
-
-def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict, rng_states: list,
-                       position: dict | None = None) -> dict:
-    return {
-        **job.checkpoint_extras(),  # first: the engine's entries win
-        "script": session.script,
-        "inputs": dict(getattr(session, "inputs", {})),  # the checkpoints the run started from (key -> sha256)
-        "epoch": epoch,  # the last completed epoch
-        "position": position,  # None at an epoch end; else where inside epoch + 1 the run stopped
-        "config": OmegaConf.to_yaml(session.cfg, resolve=True),
-        "state": {name: obj.state_dict() for name, obj in job.state_objects().items()},
-        "rng": rng_states,  # one entry per rank
-        "history": history,
-        "best": best,
-    }
 
 
 def _check_same_run(saved_yaml: str, session, path) -> None:
@@ -381,12 +364,22 @@ class Run:
         self._save(self.epoch - 1, here)
 
     def _save(self, epoch_done: int, position: dict | None = None, improved=()) -> None:
-        rng_states = gather_objects(capture_rng_state())
-        if self.session.is_main:
-            payload = checkpoint_payload(self.session, self.job, epoch_done, self.history, self.best, rng_states,
-                                         position)
+        session, rng_states = self.session, gather_objects(capture_rng_state())
+        if session.is_main:
+            payload = {
+                **self.job.checkpoint_extras(),  # first: the engine's entries win
+                "script": session.script,
+                "inputs": dict(getattr(session, "inputs", {})),  # the checkpoints the run started from (key -> sha256)
+                "epoch": epoch_done,  # the last completed epoch
+                "position": position,  # None at an epoch end; else where inside epoch + 1 the run stopped
+                "config": OmegaConf.to_yaml(session.cfg, resolve=True),
+                "state": {name: obj.state_dict() for name, obj in self.job.state_objects().items()},
+                "rng": rng_states,  # one entry per rank
+                "history": self.history,
+                "best": self.best,
+            }
             for name in improved:
-                save_checkpoint(self.session.checkpoint_dir / f"{name}.pt", payload)
+                save_checkpoint(session.checkpoint_dir / f"{name}.pt", payload)
             save_checkpoint(self.last_path, payload)
         self.last_save = time.monotonic()
 
