@@ -23,8 +23,8 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce_(tensors, average: bool) -> None:
-    """One collective for all of `tensors` (flattened into one buffer per dtype), written back in place."""
+def all_reduce_sum_(tensors, average: bool = False) -> None:
+    """Sum (`average`: average) tensors across ranks, in place, in one collective per dtype (no-op in one process)."""
     if not is_distributed():
         return
     world = dist.get_world_size()
@@ -41,13 +41,7 @@ def _all_reduce_(tensors, average: bool) -> None:
 
 
 def all_reduce_mean_(tensors) -> None:
-    """Average tensors across ranks, in place (no-op in one process)."""
-    _all_reduce_(list(tensors), average=True)
-
-
-def all_reduce_sum_(tensors) -> None:
-    """Sum tensors across ranks, in place (no-op in one process)."""
-    _all_reduce_(list(tensors), average=False)
+    all_reduce_sum_(tensors, average=True)
 
 
 def gather_objects(obj) -> list:
@@ -75,13 +69,10 @@ class ShardedShuffleSampler(torch.utils.data.Sampler):
     consume the global RNG. Each item comes as (index, batch seed): the seed of its local batch, from (seed, epoch,
     pass, rank, batch), which `SeededBatches` draws the batch's augmentation from. So a pass gives the same batches
     for any number of loader workers, and `start_pass(p, skip)` resumes it exactly after `skip` batches.
+    The pass is cut to a multiple of world_size so that every rank has as many items."""
 
-    With drop_last the pass is cut to a multiple of world_size * batch_size so that ranks stay in step.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int, world_size: int, batch_size: int, drop_last: bool):
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.batch_size, self.drop_last = batch_size, drop_last
+    def __init__(self, size: int, seed: int, rank: int, world_size: int, batch_size: int):
+        self.size, self.seed, self.rank, self.world_size, self.batch_size = size, seed, rank, world_size, batch_size
         self.epoch, self.passes, self.skip = 0, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -95,18 +86,14 @@ class ShardedShuffleSampler(torch.utils.data.Sampler):
         keys = [self.seed, self.epoch, self.passes]
         order = np.random.default_rng(keys).permutation(self.size)
         seeds = np.random.default_rng(keys + [self.rank, 1]).integers(2**63, size=len(self) // self.batch_size + 1)
-        mine = order[:self._usable()][self.rank::self.world_size].tolist()
+        mine = order[:len(self) * self.world_size][self.rank::self.world_size].tolist()
         first = self.skip * self.batch_size
         self.passes, self.skip = self.passes + 1, 0
         return ((index, int(seeds[position // self.batch_size]))
                 for position, index in enumerate(mine[first:], start=first))
 
-    def _usable(self) -> int:
-        step = self.world_size * (self.batch_size if self.drop_last else 1)
-        return self.size // step * step
-
     def __len__(self):
-        return self._usable() // self.world_size
+        return self.size // self.world_size
 
 
 class SeededBatches(torch.utils.data.Dataset):

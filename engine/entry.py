@@ -24,8 +24,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from engine.config import CONFIG_DIR, SCRIPTS, _hydra_view, validate_and_name  # (registers the name resolvers)
 from engine.errors import ERROR_FILE, RunInterrupted, UserError
 from engine.help import group_options, register_help
-from engine.script import Script
 from engine.runs import RunLock
+from engine.script import Script
 from engine.session import Session
 from engine.settings import check_directory, closest, declared, defaults
 from engine.workspace import workspace_root

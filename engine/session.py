@@ -197,7 +197,7 @@ class Session:
         return tensor
 
     # ---- data -------------------------------------------------------------------------------------------
-    def loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False, **kwargs):
+    def loader(self, dataset, batch_size: int, shuffle: bool):
         """A DataLoader over this rank's share of `dataset`; `batch_size` is the global batch (split over ranks).
         Shuffled: see `ShardedShuffleSampler` and `SeededBatches`. Datasets with `set_epoch` are told the epoch;
         datasets with `images_on` keep their uint8 images on the training GPU when `data_device` lets them."""
@@ -209,8 +209,7 @@ class Session:
         if hasattr(dataset, "set_epoch"):
             self._epoch_listeners.append(dataset)
         if shuffle:
-            sampler = ShardedShuffleSampler(len(dataset), int(self.cfg.seed), self.rank, self.world_size,
-                                            local_batch, drop_last)
+            sampler = ShardedShuffleSampler(len(dataset), int(self.cfg.seed), self.rank, self.world_size, local_batch)
             self._epoch_listeners.append(sampler)
             dataset = SeededBatches(dataset)
         else:
@@ -219,9 +218,9 @@ class Session:
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         workers = 0 if on_device else resolve_workers(self.cfg.num_workers, local_processes)
         return torch.utils.data.DataLoader(
-            dataset, batch_size=local_batch, sampler=sampler, drop_last=drop_last, num_workers=workers,
+            dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda" and not on_device, worker_init_fn=_quiet_worker if workers else None,
-            persistent_workers=False, generator=torch.Generator(), **kwargs)
+            persistent_workers=False, generator=torch.Generator())
 
     def _images_on_device(self, dataset) -> tuple[object, bool]:
         """(`dataset` with its images on the training GPU, True) when data_device lets them be there (auto: when
