@@ -54,8 +54,8 @@ def gather_objects(obj) -> list:
 
 
 def gather_shards(shard: torch.Tensor) -> torch.Tensor:
-    """The rows of an evaluation pass in dataset order, on every rank, from each rank's `ShardSampler` shard (rank r
-    holds items r, r + world_size, ...)."""
+    """The rows of an evaluation pass in dataset order, on every rank, from each rank's shard (rank r holds items r,
+    r + world_size, ...: `Session.loader` with shuffle=False)."""
     parts = gather_objects(shard)
     whole = torch.empty((sum(len(p) for p in parts), *shard.shape[1:]), dtype=shard.dtype)
     for rank, part in enumerate(parts):
@@ -127,16 +127,3 @@ class SeededBatches(torch.utils.data.Dataset):
                 random.setstate(saved[0])
                 np.random.set_state(saved[1])
                 torch.set_rng_state(saved[2])
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Evaluation: rank r takes indices r, r + world_size, ... in order (no padding, every sample once)."""
-
-    def __init__(self, size: int, rank: int, world_size: int):
-        self.indices = range(rank, size, world_size)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)

@@ -49,12 +49,9 @@ def key_lines(script: Script) -> list[str]:
     return lines
 
 
-def _escaped(text: str) -> str:
-    """Safe inside Hydra's help template (a string.Template); declarations hold no `${` interpolation."""
-    return text.replace("$", "$$")
-
-
 def register_help(script: Script, config_dir: str) -> None:
     groups = "\n".join(f"{group}: {', '.join(names)}" for group, names in group_options(script, config_dir).items())
+    keys = "\n".join(key_lines(script))
+    # `$$`: Hydra's help template is a string.Template (and declarations hold no `${` interpolation)
     ConfigStore.instance().store(group="hydra/help", name=f"{script.name}_keys",
-                                 node={"groups": _escaped(groups), "keys": _escaped("\n".join(key_lines(script)))})
+                                 node={"groups": groups.replace("$", "$$"), "keys": keys.replace("$", "$$")})

@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from engine.checkpoint import load_checkpoint
-from engine.distributed import SeededBatches, ShardedShuffleSampler, ShardSampler, adopt_submitit_ranks, is_distributed
+from engine.distributed import SeededBatches, ShardedShuffleSampler, adopt_submitit_ranks, is_distributed
 from engine.errors import UserError
 from engine.rng import seed_everything
 from engine.runs import RunLock, clear_run, decide_resume, remove_interrupted_writes
@@ -212,8 +212,8 @@ class Session:
             sampler = ShardedShuffleSampler(len(dataset), int(self.cfg.seed), self.rank, self.world_size, local_batch)
             self._epoch_listeners.append(sampler)
             dataset = SeededBatches(dataset)
-        else:
-            sampler = ShardSampler(len(dataset), self.rank, self.world_size)
+        else:  # evaluation: rank r takes items r, r + world_size, ... in order (no padding, every item once)
+            sampler = range(self.rank, len(dataset), self.world_size)
         # Images on the GPU are gathered and augmented in the main process: a worker process cannot use them.
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         workers = 0 if on_device else resolve_workers(self.cfg.num_workers, local_processes)

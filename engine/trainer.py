@@ -204,14 +204,14 @@ def learning_rates(job) -> dict[str, float]:
     return rates
 
 
-def rounded(value, digits: int = 6):
-    """Floats of a summary to `digits` decimals (float noise such as 0.30000000000000004 is not information)."""
+def rounded(value):
+    """Floats of a summary to 6 decimals (float noise such as 0.30000000000000004 is not information)."""
     if isinstance(value, float):
-        return round(value, digits)
+        return round(value, 6)
     if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
+        return {k: rounded(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [rounded(v, digits) for v in value]
+        return [rounded(v) for v in value]
     return value
 
 
