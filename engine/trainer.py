@@ -196,12 +196,8 @@ def _clock(seconds: float) -> str:
 
 def learning_rates(job) -> dict[str, float]:
     """The current learning rate of every optimiser of the job: `lr` for `optimizer`, `<x>_lr` for `<x>_optimizer`."""
-    rates = {}
-    for name, obj in job.state_objects().items():
-        if isinstance(obj, torch.optim.Optimizer):
-            key = "lr" if name == "optimizer" else f"{name.removesuffix('_optimizer')}_lr"
-            rates[key] = obj.param_groups[0]["lr"]
-    return rates
+    return {("lr" if name == "optimizer" else f"{name.removesuffix('_optimizer')}_lr"): obj.param_groups[0]["lr"]
+            for name, obj in job.state_objects().items() if isinstance(obj, torch.optim.Optimizer)}
 
 
 def rounded(value):
@@ -288,7 +284,9 @@ class Run:
                     raise
                 self._diverged(f"an update overflowed at epoch {self.epoch + 1}/{self.epochs} step {step} "
                                f"({str(exc).strip().splitlines()[0]})", phase.name)
-            stop, due = self._stop_or_due(signals)
+            # the signal asking to stop, and whether checkpoint_every minutes have passed: the same on every rank
+            due = self.every > 0 and session.is_main and time.monotonic() - self.last_save >= self.every
+            stop, due = _agree(session, [signals.received or 0, int(due)])
             if (stop or due) and step + 1 < steps:
                 self._save_place(index, phase, step + 1, tracker)
                 if stop:
@@ -349,12 +347,6 @@ class Run:
         return summary
 
     # ---- checkpoints and stops --------------------------------------------------------------------------------
-    def _stop_or_due(self, signals: StopSignals) -> list[int]:
-        """[the signal asking to stop, or 0; 1 when `checkpoint_every` minutes have passed since the last save],
-        the same on every rank."""
-        due = self.every > 0 and self.session.is_main and time.monotonic() - self.last_save >= self.every
-        return _agree(self.session, [signals.received or 0, int(due)])
-
     def _save_place(self, index: int, phase: Phase, steps_done: int, tracker: MeanTracker) -> None:
         """`last.pt` holding the place inside the epoch: the epoch before it is the last completed one."""
         self._check_finite(tracker, phase.name, 0)
