@@ -1,6 +1,7 @@
 """Hydra entry point of every script: composes and validates the config, opens a `Session`, turns `UserError` into
 one line. In a sweep (`-m`) a failed job is recorded in its folder (`error.txt`) and the other jobs still run; the
 sweep then lists the failures and exits 1. An interrupted run (SIGTERM/SIGUSR1/SIGINT) exits 128 + the signal."""
+import contextlib
 import copyreg
 import dataclasses
 import functools
@@ -36,9 +37,9 @@ RUN_STAMP = "METALABEL_RUN_STAMP"
 
 if not OmegaConf.has_resolver("env_workspace"):
     OmegaConf.register_new_resolver("env_workspace", lambda: str(workspace_root()))
-    # The run directory's time stamp; under torchrun every rank takes rank 0's (see _join_process_group).
     # `${flag:${key},_text}`: the text when the key is true, else nothing (run names like the original's).
     OmegaConf.register_new_resolver("flag", lambda value, text: text if value else "")
+    # The run directory's time stamp; under torchrun every rank takes rank 0's (see _join_process_group).
     OmegaConf.register_new_resolver("run_stamp", lambda: os.environ.get(RUN_STAMP)
                                     or time.strftime("%Y-%m-%d_%H-%M-%S"), use_cache=True)
 
@@ -127,10 +128,17 @@ def _forget_refused_run_dir() -> None:
             logging.getLogger().removeHandler(handler)
             handler.close()
     shutil.rmtree(run_dir, ignore_errors=True)
-    try:
+    with contextlib.suppress(OSError):
         run_dir.parent.rmdir()  # logs/<script>/<name>/ when it held only this
-    except OSError:
-        pass
+
+
+def _exit_on_user_error(check, *args) -> None:
+    """Before a run starts: a `UserError` is one line on stderr and exit status 1."""
+    try:
+        check(*args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 class SweepFailures(Callback):
@@ -138,18 +146,10 @@ class SweepFailures(Callback):
     run here. At its end: one line per failed job, exit status 1."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        try:
-            claim_run_dir(config)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1)
+        _exit_on_user_error(claim_run_dir, config)
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        try:
-            check_launcher(config.hydra)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1)
+        _exit_on_user_error(check_launcher, config.hydra)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         failed = sorted(Path(config.hydra.sweep.dir).glob(f"*/{ERROR_FILE}"), key=lambda p: p.stat().st_mtime)
@@ -279,11 +279,7 @@ def hydra_main(script: Script):
 
         @functools.wraps(main)
         def entry():
-            try:
-                check_command_line(script, sys.argv[1:])
-            except UserError as err:
-                print(f"error: {err}", file=sys.stderr)
-                sys.exit(1)
+            _exit_on_user_error(check_command_line, script, sys.argv[1:])
             _join_process_group()
             return run()
 

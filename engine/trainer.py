@@ -109,7 +109,6 @@ class StopSignals:
             signal.signal(signum, handler)
         if self.received == SUBMITIT_SIGNAL and callable(self.previous.get(SUBMITIT_SIGNAL)):
             self.previous[SUBMITIT_SIGNAL](SUBMITIT_SIGNAL, None)  # submitit requeues the job, then exits
-        return False
 
 
 def _agree(session, local: list[int]) -> list[int]:
@@ -312,19 +311,16 @@ class Run:
             self.best[name] = row[self.job.monitors[name]]
         if self.session.is_main:
             self.writer.write(row)
-            self._log_epoch(row)
+            elapsed = time.perf_counter() - self.began  # in this process: epochs start..epoch
+            eta = elapsed / (epoch - self.start + 1) * (self.epochs - epoch - 1)
+            log.info(f"epoch {epoch + 1}/{self.epochs} ({_clock(elapsed)} elapsed, ETA {_clock(eta)}): "
+                     + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in row.items() if k != "epoch"))
         self._save(epoch, None, improved)
         stop = _agree(self.session, [signals.received or 0])[0]
         if stop and epoch + 1 < self.epochs:
             raise RunInterrupted(f"interrupted by {signal.Signals(stop).name} after epoch {epoch + 1}/{self.epochs}; "
                                  f"{self.last_path} holds it: run the same command again to continue", 128 + stop)
-
-    def _log_epoch(self, row: dict) -> None:
-        elapsed = time.perf_counter() - self.began  # in this process: epochs start..epoch
-        eta = elapsed / (self.epoch - self.start + 1) * (self.epochs - self.epoch - 1)
-        log.info(f"epoch {self.epoch + 1}/{self.epochs} ({_clock(elapsed)} elapsed, ETA {_clock(eta)}): "
-                 + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in row.items() if k != "epoch"))
 
     # ---- the end ----------------------------------------------------------------------------------------------
     def finish(self) -> dict:
