@@ -6,6 +6,7 @@ pre-emption and time-limit signals, Ctrl-C), and every `checkpoint_every` minute
 run's place (epoch, phase, step), the epoch's running metrics and every RNG; loaders re-enter the pass at that
 batch with the same data (`ShardedShuffleSampler`), so the continued run ends bit-identical (on CPU).
 """
+import contextlib
 import json
 import logging
 import math
@@ -93,10 +94,8 @@ class StopSignals:
     def __enter__(self):
         wanted = STOP_SIGNALS + ((SUBMITIT_SIGNAL,) if os.environ.get("SUBMITIT_EXECUTOR") else ())
         for signum in wanted:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (a test harness): run without orderly stops
                 self.previous[signum] = signal.signal(signum, self._note)
-            except ValueError:  # not the main thread (a test harness): run without orderly stops
-                pass
         return self
 
     def _note(self, signum, frame):
