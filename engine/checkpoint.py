@@ -62,12 +62,9 @@ def resolve_checkpoint(name_or_path: str, directory: Path, key: str, produced_by
     """A checkpoint given as a path, or as a run name under `directory` (`<name>/best.pt`)."""
     if not name_or_path:
         raise UserError(f"{key} is not set: give the run name or .pt path of a checkpoint written by {produced_by}")
-    given = Path(str(name_or_path)).expanduser()
-    candidates = [given, given / "best.pt", Path(directory) / given / "best.pt", Path(directory) / given]
-    for candidate in candidates:
+    given, directory = Path(str(name_or_path)).expanduser(), Path(directory)
+    for candidate in (given, given / "best.pt", directory / given / "best.pt", directory / given):
         if candidate.is_file():
             return candidate
-    raise UserError(
-        f"{key}={name_or_path}: no checkpoint at {given} or {Path(directory) / given / 'best.pt'}; "
-        f"run {produced_by} first or give the path of its .pt file"
-    )
+    raise UserError(f"{key}={name_or_path}: no checkpoint at {given} or {directory / given / 'best.pt'}; "
+                    f"run {produced_by} first or give the path of its .pt file")
