@@ -11,10 +11,9 @@ from engine.errors import UserError
 
 
 def file_identity(path: Path) -> str:
-    """What a later step records of the checkpoint it started from: the sha256 of its bytes. A content hash rather
-    than the payload's script/epoch/position with the file's size and mtime: it tells apart any two different
-    checkpoints (a run extended, or started again with overwrite=true and as many epochs, writes the same epoch
-    and position), and a copied or touched file is still the same one."""
+    """What a later step records of the checkpoint it started from: the sha256 of its bytes. Not script, epoch,
+    size and mtime: a run extended, or started again with as many epochs, writes the same epoch and position, and a
+    copied or touched file is still the same one."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -63,12 +62,9 @@ def resolve_checkpoint(name_or_path: str, directory: Path, key: str, produced_by
     """A checkpoint given as a path, or as a run name under `directory` (`<name>/best.pt`)."""
     if not name_or_path:
         raise UserError(f"{key} is not set: give the run name or .pt path of a checkpoint written by {produced_by}")
-    given = Path(str(name_or_path)).expanduser()
-    candidates = [given, given / "best.pt", Path(directory) / given / "best.pt", Path(directory) / given]
-    for candidate in candidates:
+    given, directory = Path(str(name_or_path)).expanduser(), Path(directory)
+    for candidate in (given, given / "best.pt", directory / given / "best.pt", directory / given):
         if candidate.is_file():
             return candidate
-    raise UserError(
-        f"{key}={name_or_path}: no checkpoint at {given} or {Path(directory) / given / 'best.pt'}; "
-        f"run {produced_by} first or give the path of its .pt file"
-    )
+    raise UserError(f"{key}={name_or_path}: no checkpoint at {given} or {directory / given / 'best.pt'}; "
+                    f"run {produced_by} first or give the path of its .pt file")

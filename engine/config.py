@@ -1,15 +1,11 @@
-"""Run identity, in one place: settings are validated first, then the run's name is derived from them.
+"""Run identity: settings are validated first, then the run's name is derived from them.
 
-A run's name is `<run_prefix>_s<seed>[_<hash>]`: the script's readable prefix, the seed, and a short stable hash of
-every other setting that differs from the script's defaults (for the chosen dataset and model) and that would change
-the result. Settings declared `neutral` (engine/settings.py: epochs, device, workers, progress, paths ...) are left
-out, so `epochs=N+1` extends a run instead of starting another; a continued run may change them. `name=...` replaces the
-whole derived name. The same selection is a run's identity wherever one is needed (`result_settings`): resume,
-the pipeline, the report.
+A run's name is `<run_prefix>_s<seed>[_<hash>]`: a short stable hash of every other setting that differs from the
+script's defaults (for the chosen dataset and model) and could change the result. `neutral` settings (epochs, device,
+paths ...) are left out, so `epochs=N+1` extends a run instead of starting another. `name=...` replaces the name.
 """
 import hashlib
 import json
-import logging
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -20,8 +16,6 @@ from engine.errors import UserError
 from engine.script import Script
 from engine.settings import IDENTITY_KEYS, EngineSettings, EpochSettings, neutral_keys, validate
 
-log = logging.getLogger("metalabel")
-
 # Config groups whose choice is part of the readable prefix: defaults are taken for the chosen options.
 PREFIX_GROUPS = ("dataset", "model")
 HASH_LENGTH = 8
@@ -29,12 +23,10 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "config")
 SCRIPTS: dict[str, Script] = {}  # the scripts this process registered (engine.entry.register), by name
 
 
-UNRESOLVED = "???"  # a default without a value (e.g. hier_file's dataset.path)
-
-
 def leaves(cfg, skip=frozenset(), prefix: str = "", strict: bool = True) -> dict:
     """Every leaf of `cfg` as dotted key -> resolved plain value (lists kept whole), leaving out the top-level keys
-    in `skip`. A key that cannot be resolved is a UserError naming it (`strict`), else `UNRESOLVED`."""
+    in `skip`. A key that cannot be resolved is a UserError naming it (`strict`), else "???" (as a default without
+    a value: hier_file's dataset.path)."""
     flat = {}
     for key in cfg.keys() if isinstance(cfg, DictConfig) else []:
         dotted = f"{prefix}{key}"
@@ -44,7 +36,7 @@ def leaves(cfg, skip=frozenset(), prefix: str = "", strict: bool = True) -> dict
             value = cfg[key]
         except Exception as exc:  # an interpolation to a missing key, a missing mandatory value
             if not strict:
-                flat[dotted] = UNRESOLVED
+                flat[dotted] = "???"
                 continue
             raise UserError(f"{dotted} cannot be resolved ({type(exc).__name__}: {str(exc).splitlines()[0]}): "
                             f"set it on the command line, e.g. {dotted}=...") from None
@@ -74,16 +66,18 @@ def unnamed_settings(script: Script | None = None) -> frozenset[str]:
     return neutral | set(IDENTITY_KEYS) | {"hydra"}
 
 
-def result_settings(cfg, script: Script) -> dict:
-    """Every setting that can change a run's result but its seed, as dotted key -> value: what tells two runs of
-    `script` apart (resume compares it with the checkpoint's, the report groups runs by it)."""
-    return leaves(cfg, skip=unnamed_settings(script))
-
-
 @lru_cache(maxsize=32)
 def _default_config(script: str, settings: type, choices: tuple) -> DictConfig:
-    """The script's config for the chosen group options (`settings`: its declarations, part of the cache key)."""
-    return _compose_plain(script, [f"{group}={option}" for group, option in choices])
+    """The script's config for the chosen group options, composed inside or outside a running Hydra app
+    (`settings`: its declarations, part of the cache key)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    overrides = [f"{group}={option}" for group, option in choices]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=script, overrides=overrides)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(config_name=script, overrides=overrides)
 
 
 def _default_leaves(cfg: DictConfig, script: Script, choices: tuple) -> dict:
@@ -95,21 +89,10 @@ def _default_leaves(cfg: DictConfig, script: Script, choices: tuple) -> dict:
     return leaves(defaults, skip=unnamed_settings(script), strict=False)
 
 
-def _compose_plain(script: str, overrides: list[str]) -> DictConfig:
-    """The script's config for `overrides`, composed inside or outside a running Hydra app."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name=script, overrides=overrides)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        return compose(config_name=script, overrides=overrides)
-
-
 def derive_name(cfg: DictConfig, script: Script, choices: dict) -> str:
     """`<run_prefix>_s<seed>[_<hash>]` for a validated config (see the module docstring)."""
     groups = tuple((g, str(choices[g])) for g in PREFIX_GROUPS if choices.get(g))
-    digest = settings_hash(result_settings(cfg, script), _default_leaves(cfg, script, groups))
+    digest = settings_hash(leaves(cfg, skip=unnamed_settings(script)), _default_leaves(cfg, script, groups))
     return f"{cfg.run_prefix}_s{cfg.seed}" + (f"_{digest}" if digest else "")
 
 
@@ -139,7 +122,7 @@ def _run_name_resolver(*, _root_: DictConfig) -> str:
 def _checked_name_resolver(*, _root_: DictConfig) -> str:
     """`${checked_name:}` in Hydra's run and sweep directories: validates every setting, then gives the run's name
     (derived or given). So a bad setting is reported as one line before Hydra creates any directory; in a sweep
-    the job's own `prepare` records it in the job's folder (named `invalid`) instead."""
+    the job itself records it in the job's folder (named `invalid`) instead."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 

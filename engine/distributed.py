@@ -1,8 +1,5 @@
-"""Several processes (torchrun): sharded sampling, reductions, per-rank RNG state in checkpoints.
-
-Every rank runs the same script on the same config. Models start identical (same seed), data is sharded, and
-metrics are reduced; rank 0 alone writes logs, metrics and checkpoints.
-"""
+"""Several processes (torchrun): sharded sampling, reductions, gathering. Every rank runs the same script on the
+same config: models start identical (same seed), data is sharded, metrics are reduced; rank 0 alone writes files."""
 import os
 import random
 
@@ -26,8 +23,8 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce_(tensors, average: bool) -> None:
-    """One collective for all of `tensors` (flattened into one buffer per dtype), written back in place."""
+def all_reduce_sum_(tensors, average: bool = False) -> None:
+    """Sum (`average`: average) tensors across ranks, in place, in one collective per dtype (no-op in one process)."""
     if not is_distributed():
         return
     world = dist.get_world_size()
@@ -44,13 +41,7 @@ def _all_reduce_(tensors, average: bool) -> None:
 
 
 def all_reduce_mean_(tensors) -> None:
-    """Average tensors across ranks, in place (no-op in one process)."""
-    _all_reduce_(list(tensors), average=True)
-
-
-def all_reduce_sum_(tensors) -> None:
-    """Sum tensors across ranks, in place (no-op in one process)."""
-    _all_reduce_(list(tensors), average=False)
+    all_reduce_sum_(tensors, average=True)
 
 
 def gather_objects(obj) -> list:
@@ -63,8 +54,8 @@ def gather_objects(obj) -> list:
 
 
 def gather_shards(shard: torch.Tensor) -> torch.Tensor:
-    """The rows of an evaluation pass in dataset order, on every rank, from each rank's `ShardSampler` shard (rank r
-    holds items r, r + world_size, ...)."""
+    """The rows of an evaluation pass in dataset order, on every rank, from each rank's shard (rank r holds items r,
+    r + world_size, ...: `Session.loader` with shuffle=False)."""
     parts = gather_objects(shard)
     whole = torch.empty((sum(len(p) for p in parts), *shard.shape[1:]), dtype=shard.dtype)
     for rank, part in enumerate(parts):
@@ -78,13 +69,10 @@ class ShardedShuffleSampler(torch.utils.data.Sampler):
     consume the global RNG. Each item comes as (index, batch seed): the seed of its local batch, from (seed, epoch,
     pass, rank, batch), which `SeededBatches` draws the batch's augmentation from. So a pass gives the same batches
     for any number of loader workers, and `start_pass(p, skip)` resumes it exactly after `skip` batches.
+    The pass is cut to a multiple of world_size so that every rank has as many items."""
 
-    With drop_last the pass is cut to a multiple of world_size * batch_size so that ranks stay in step.
-    """
-
-    def __init__(self, size: int, seed: int, rank: int, world_size: int, batch_size: int, drop_last: bool):
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.batch_size, self.drop_last = batch_size, drop_last
+    def __init__(self, size: int, seed: int, rank: int, world_size: int, batch_size: int):
+        self.size, self.seed, self.rank, self.world_size, self.batch_size = size, seed, rank, world_size, batch_size
         self.epoch, self.passes, self.skip = 0, 0, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -98,20 +86,14 @@ class ShardedShuffleSampler(torch.utils.data.Sampler):
         keys = [self.seed, self.epoch, self.passes]
         order = np.random.default_rng(keys).permutation(self.size)
         seeds = np.random.default_rng(keys + [self.rank, 1]).integers(2**63, size=len(self) // self.batch_size + 1)
-        mine = order[:self._usable()][self.rank::self.world_size].tolist()
+        mine = order[:len(self) * self.world_size][self.rank::self.world_size].tolist()
         first = self.skip * self.batch_size
         self.passes, self.skip = self.passes + 1, 0
         return ((index, int(seeds[position // self.batch_size]))
                 for position, index in enumerate(mine[first:], start=first))
 
-    def _usable(self) -> int:
-        if self.drop_last:
-            step = self.world_size * self.batch_size
-            return self.size // step * step
-        return self.size // self.world_size * self.world_size
-
     def __len__(self):
-        return self._usable() // self.world_size
+        return self.size // self.world_size
 
 
 class SeededBatches(torch.utils.data.Dataset):
@@ -145,16 +127,3 @@ class SeededBatches(torch.utils.data.Dataset):
                 random.setstate(saved[0])
                 np.random.set_state(saved[1])
                 torch.set_rng_state(saved[2])
-
-
-class ShardSampler(torch.utils.data.Sampler):
-    """Evaluation: rank r takes indices r, r + world_size, ... in order (no padding, every sample once)."""
-
-    def __init__(self, size: int, rank: int, world_size: int):
-        self.indices = range(rank, size, world_size)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self):
-        return len(self.indices)

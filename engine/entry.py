@@ -1,8 +1,9 @@
 """Hydra entry point of every script: composes and validates the config, opens a `Session`, turns `UserError` into
 one line. In a sweep (`-m`) a failed job is recorded in its folder (`error.txt`) and the other jobs still run; the
 sweep then lists the failures and exits 1. An interrupted run (SIGTERM/SIGUSR1/SIGINT) exits 128 + the signal."""
-import difflib
+import contextlib
 import copyreg
+import dataclasses
 import functools
 import logging
 import os
@@ -13,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import hydra
+import torch
 import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -20,16 +22,13 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from engine.config import (  # importing engine.config registers the run-name resolvers
-    CONFIG_DIR,
-    SCRIPTS,
-    validate_and_name,
-)
+from engine.config import CONFIG_DIR, SCRIPTS, _hydra_view, validate_and_name  # (registers the name resolvers)
 from engine.errors import ERROR_FILE, RunInterrupted, UserError
 from engine.help import group_options, register_help
+from engine.runs import RunLock
 from engine.script import Script
 from engine.session import Session
-from engine.settings import check_directory, declared, defaults
+from engine.settings import check_directory, closest, declared, defaults
 from engine.workspace import workspace_root
 
 log = logging.getLogger("metalabel")
@@ -38,9 +37,9 @@ RUN_STAMP = "METALABEL_RUN_STAMP"
 
 if not OmegaConf.has_resolver("env_workspace"):
     OmegaConf.register_new_resolver("env_workspace", lambda: str(workspace_root()))
-    # The run directory's time stamp; under torchrun every rank takes rank 0's (see _join_process_group).
     # `${flag:${key},_text}`: the text when the key is true, else nothing (run names like the original's).
     OmegaConf.register_new_resolver("flag", lambda value, text: text if value else "")
+    # The run directory's time stamp; under torchrun every rank takes rank 0's (see _join_process_group).
     OmegaConf.register_new_resolver("run_stamp", lambda: os.environ.get(RUN_STAMP)
                                     or time.strftime("%Y-%m-%d_%H-%M-%S"), use_cache=True)
 
@@ -50,8 +49,6 @@ def _join_process_group() -> None:
     directory (rank 0's time stamp), and let only rank 0 write Hydra's own files."""
     if int(os.environ.get("WORLD_SIZE", 1)) <= 1 or dist.is_initialized():
         return
-    import torch
-
     dist.init_process_group(backend="cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
     dist.broadcast_object_list(stamp, src=0)
@@ -87,9 +84,6 @@ def claim_run_dir(config: DictConfig) -> None:
     folder) is refused; a stamped directory (the default) that another process of this run created in the same
     second is replaced by `<stamp>_2`, `<stamp>_3` ...; a fixed one of a run held by a live process is refused before
     anything is written into it (the same run continuing into its own directory is fine)."""
-    from engine.config import _hydra_view
-    from engine.runs import RunLock
-
     HydraConfig.instance().set_config(config)
     if int(os.environ.get("RANK", 0)) > 0:
         return  # rank 0 claims the directory of a torchrun job
@@ -134,10 +128,17 @@ def _forget_refused_run_dir() -> None:
             logging.getLogger().removeHandler(handler)
             handler.close()
     shutil.rmtree(run_dir, ignore_errors=True)
-    try:
+    with contextlib.suppress(OSError):
         run_dir.parent.rmdir()  # logs/<script>/<name>/ when it held only this
-    except OSError:
-        pass
+
+
+def _exit_on_user_error(check, *args) -> None:
+    """Before a run starts: a `UserError` is one line on stderr and exit status 1."""
+    try:
+        check(*args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 class SweepFailures(Callback):
@@ -145,18 +146,10 @@ class SweepFailures(Callback):
     run here. At its end: one line per failed job, exit status 1."""
 
     def on_run_start(self, config, **kwargs) -> None:
-        try:
-            claim_run_dir(config)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1)
+        _exit_on_user_error(claim_run_dir, config)
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        try:
-            check_launcher(config.hydra)
-        except UserError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(1)
+        _exit_on_user_error(check_launcher, config.hydra)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         failed = sorted(Path(config.hydra.sweep.dir).glob(f"*/{ERROR_FILE}"), key=lambda p: p.stat().st_mtime)
@@ -182,7 +175,7 @@ def check_launcher(hydra_cfg: DictConfig) -> None:
 
 def register(script: Script) -> None:
     """Give Hydra the script's declared defaults (`<name>_settings`, listed first in config/<name>.yaml) and its
-    generated --help, and the run-name resolvers the script."""
+    generated --help, and the run-name resolvers the script (`SCRIPTS`)."""
     if SCRIPTS.get(script.name) is script:
         return
     SCRIPTS[script.name] = script
@@ -191,10 +184,8 @@ def register(script: Script) -> None:
 
 
 def _closest(name: str, names) -> str:
-    names = list(names)
-    by_lower = {n.lower(): n for n in names}
-    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
-    return f"did you mean {by_lower[close[0]]}? " if close else ""
+    close = closest(name, names)
+    return f"did you mean {close}? " if close else ""
 
 
 def check_command_line(script: Script, argv: list[str]) -> None:
@@ -216,10 +207,9 @@ def check_command_line(script: Script, argv: list[str]) -> None:
     keys = declared(script.settings)
     for override in overrides:
         key = override.key_or_group
-        if override.type != OverrideType.CHANGE or override.package is not None or "/" in key \
-                or key.split(".", 1)[0] == "hydra":
-            continue
         root = key.split(".", 1)[0]
+        if override.type != OverrideType.CHANGE or override.package is not None or "/" in key or root == "hydra":
+            continue
         if root not in keys and root not in script.groups:
             raise UserError(f"{override.input_line}: {root} is not a setting of {script.name}.py: "
                             f"{_closest(root, [*keys, *script.groups])}(python {script.name}.py --help lists the keys)")
@@ -247,16 +237,12 @@ def _unpickled(*fields) -> Script:
 
 # A sweep's launcher may run the job in another process (submitit), which never imports the script: there the
 # unpickled script registers itself, as the script's import does here.
-copyreg.pickle(Script, lambda s: (_unpickled, (s.name, s.settings, s.groups, s.checks, s.lr_key,
-                                               s.writes_checkpoints)))
+copyreg.pickle(Script, lambda s: (_unpickled, tuple(getattr(s, f.name) for f in dataclasses.fields(s))))
 
 
 def hydra_main(script: Script):
     """Decorate `main(cfg, session)`: Hydra composes the config, the engine validates it and opens a session around
-    the call.
-
-    A `UserError` anywhere becomes one line on stderr and exit status 1.
-    """
+    the call. A `UserError` anywhere becomes one line on stderr and exit status 1."""
     register(script)
 
     def decorate(main):
@@ -293,11 +279,7 @@ def hydra_main(script: Script):
 
         @functools.wraps(main)
         def entry():
-            try:
-                check_command_line(script, sys.argv[1:])
-            except UserError as err:
-                print(f"error: {err}", file=sys.stderr)
-                sys.exit(1)
+            _exit_on_user_error(check_command_line, script, sys.argv[1:])
             _join_process_group()
             return run()
 

@@ -28,20 +28,15 @@ def group_options(script: Script, config_dir: str) -> dict[str, list[str]]:
     return options
 
 
-def heading_of(declaration: type) -> str:
-    """The first line of a declaring dataclass's docstring (its name when it has none: dataclass makes a signature
-    its __doc__)."""
-    doc = (declaration.__doc__ or "").strip()
-    return declaration.__name__ if not doc or doc.startswith(f"{declaration.__name__}(") else doc.splitlines()[0]
-
-
 def key_lines(script: Script) -> list[str]:
     """Every top-level key, grouped by the dataclass that declares it (its docstring's first line as heading)."""
     lines, heading = [], None
     mro = script.settings.__mro__
     by_owner = sorted(declared(script.settings).values(), key=lambda d: (d.owner is EngineSettings, mro.index(d.owner)))
     for d in by_owner:
-        title = heading_of(d.owner)
+        # a dataclass without a docstring gets its signature as __doc__: its name is the heading then
+        doc, name = (d.owner.__doc__ or "").strip(), d.owner.__name__
+        title = name if not doc or doc.startswith(f"{name}(") else doc.splitlines()[0]
         if title != heading:
             lines += ([""] if lines else []) + [title]
             heading = title
@@ -49,12 +44,9 @@ def key_lines(script: Script) -> list[str]:
     return lines
 
 
-def _escaped(text: str) -> str:
-    """Safe inside Hydra's help template (a string.Template); declarations hold no `${` interpolation."""
-    return text.replace("$", "$$")
-
-
 def register_help(script: Script, config_dir: str) -> None:
     groups = "\n".join(f"{group}: {', '.join(names)}" for group, names in group_options(script, config_dir).items())
+    keys = "\n".join(key_lines(script))
+    # `$$`: Hydra's help template is a string.Template (and declarations hold no `${` interpolation)
     ConfigStore.instance().store(group="hydra/help", name=f"{script.name}_keys",
-                                 node={"groups": _escaped(groups), "keys": _escaped("\n".join(key_lines(script)))})
+                                 node={"groups": groups.replace("$", "$$"), "keys": keys.replace("$", "$$")})

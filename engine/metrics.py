@@ -196,7 +196,7 @@ class MeanTracker:
         bad = [(int(step), name) for name, step in self.first_nonfinite.items() if int(step) >= 0]
         return (min(bad)[1], min(bad)[0]) if bad else None
 
-    def result(self, session=None) -> dict[str, float]:
+    def result(self, session) -> dict[str, float]:
         """The means and totals; in a distributed run, over every rank's samples."""
         import torch
 
@@ -206,7 +206,7 @@ class MeanTracker:
             return {}
         table = torch.tensor([[float(self.sums[n]), float(self.counts[n])] for n in names]
                              + [[float(self.totals[n]), 1.0] for n in totals], dtype=torch.float64)
-        if session is not None and session.world_size > 1:
+        if session.world_size > 1:
             import torch.distributed as dist
 
             table = table.to(session.device)

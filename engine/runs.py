@@ -1,5 +1,6 @@
 """A training run's checkpoint folder: whether to continue or start (`resume`, `overwrite`), the lock that keeps a
 second live process off the same run, and the clean-up of an interrupted write."""
+import contextlib
 import json
 import logging
 import os
@@ -101,13 +102,11 @@ class RunLock:
     def release(self) -> None:
         if not self.held:
             return
-        try:
+        with contextlib.suppress(OSError, ValueError):
             if json.loads(self.path.read_text()).get("pid") == self.mine["pid"]:
                 self.path.unlink()
             if not any(self.path.parent.iterdir()):
                 self.path.parent.rmdir()  # a run refused before it wrote anything leaves no folder
-        except (OSError, ValueError):
-            pass
         self.held = False
 
 

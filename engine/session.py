@@ -1,9 +1,8 @@
 """The runtime every script shares: device, seeds, logging, progress bars, data loaders, distributed ranks.
-
-A script builds its parts from the config and a `Session`, then calls `session.fit(job)` (engine/trainer.py).
-"""
+A script builds its parts from the config and a `Session`, then calls `session.fit(job)` (engine/trainer.py)."""
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -12,12 +11,14 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from engine.distributed import SeededBatches, ShardedShuffleSampler, ShardSampler, adopt_submitit_ranks, is_distributed
+from engine.checkpoint import load_checkpoint
+from engine.distributed import SeededBatches, ShardedShuffleSampler, adopt_submitit_ranks, is_distributed
 from engine.errors import UserError
 from engine.rng import seed_everything
 from engine.runs import RunLock, clear_run, decide_resume, remove_interrupted_writes
 from engine.script import Script
 from engine.settings import MAX_AUTO_WORKERS, is_folder_name
+from engine.trainer import fit
 from engine.workspace import DEFAULT_WORKSPACE
 
 log = logging.getLogger("metalabel")
@@ -26,8 +27,6 @@ log = logging.getLogger("metalabel")
 def _quiet_worker(worker_id: int) -> None:
     """Loader workers leave SIGINT/SIGTERM/SIGUSR1 to the main process, which checkpoints and then stops them.
     (Their random draws are seeded per batch: see `SeededBatches`.)"""
-    import signal
-
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
 
@@ -56,8 +55,8 @@ def cores_per_process(local_world_size: int) -> int:
     return len(os.sched_getaffinity(0)) // max(1, local_world_size)
 
 
-# The values of device, precision and compile were checked (engine/settings.py) before the session starts.
 def resolve_device(name: str, local_rank: int, data_device: str) -> torch.device:
+    """The values of device and data_device were checked (engine/settings.py) before the session starts."""
     if "cuda" in (name, data_device) and not torch.cuda.is_available():
         key = "device" if name == "cuda" else "data_device"
         raise UserError(f"{key}=cuda but no CUDA GPU is visible: use {key}=cpu or {key}=auto")
@@ -66,17 +65,6 @@ def resolve_device(name: str, local_rank: int, data_device: str) -> torch.device
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", local_rank)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto`: bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere (CPU runs are unaffected)."""
-    if name == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return name
-
-
-def resolve_compile(value, device: torch.device) -> bool:
-    return device.type == "cuda" if value == "auto" else value
 
 
 class Session:
@@ -119,22 +107,35 @@ class Session:
         """Memory layout, precision, compile and CPU threads from the config."""
         cfg = self.cfg
         self.channels_last = bool(cfg.channels_last)
-        self.precision = resolve_precision(cfg.precision, self.device)
-        self.compile_enabled = resolve_compile(cfg.compile, self.device)
+        cuda = self.device.type == "cuda"
+        self.precision = cfg.precision
+        if cfg.precision == "auto":  # bf16 autocast on a CUDA GPU that supports it, fp32 elsewhere
+            self.precision = "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
+        self.compile_enabled = cuda if cfg.compile == "auto" else cfg.compile
         torch.set_num_threads(resolve_threads(cfg.threads, int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-        if self.device.type == "cuda":
+        if cuda:
             torch.backends.cudnn.benchmark = True  # fixed input sizes throughout a run
 
     def _open_checkpoint_folder(self) -> None:
-        """The run's checkpoint folder; for a script that trains a run, continue or start it there, locked."""
+        """The run's checkpoint folder; for a script that trains a run: decide to continue or start it (every rank
+        decides before anything is removed), lock it, clear it with overwrite=true."""
         if not is_folder_name(self.cfg.name):  # validated before; a config made by hand is checked here too
             raise UserError(f"name={self.cfg.name}: a run name is one folder name (not '.' or '..', no '/'): "
                             f"give name=... a plain name")
         self.checkpoint_dir = Path(self.cfg.checkpoint_dir) / self.cfg.name
         self.lock = None
         self.resuming = False  # continuing the run from its last checkpoint (engine/trainer.py restores it)
-        if self.spec.writes_checkpoints:
-            self._open_run()
+        if not self.spec.writes_checkpoints:
+            return
+        self.resuming = decide_resume(self.cfg, self.checkpoint_dir)
+        self.barrier()
+        if self.is_main:
+            self.lock = RunLock(self.checkpoint_dir, self.cfg.lock_stale_hours)
+            self.lock.acquire()
+            remove_interrupted_writes(self.checkpoint_dir)
+            if self.cfg.overwrite:
+                clear_run(self.checkpoint_dir, Path(self.cfg.checkpoint_dir))
+        self.barrier()
 
     def _record_run(self) -> None:
         """The run directory with the resolved config; where everything goes, in the log."""
@@ -148,19 +149,6 @@ class Session:
         log.info(f"device: {self.device}" + (f", {self.world_size} processes" if self.world_size > 1 else "")
                  + f", precision {self.precision}" + (", compiled" if self.compile_enabled else ""))
 
-    def _open_run(self) -> None:
-        """Decide to continue or start (every rank decides before anything is removed), lock the run, clear it
-        with overwrite=true."""
-        self.resuming = decide_resume(self.cfg, self.checkpoint_dir)
-        self.barrier()
-        if self.is_main:
-            self.lock = RunLock(self.checkpoint_dir, self.cfg.lock_stale_hours)
-            self.lock.acquire()
-            remove_interrupted_writes(self.checkpoint_dir)
-            if self.cfg.overwrite:
-                clear_run(self.checkpoint_dir, Path(self.cfg.checkpoint_dir))
-        self.barrier()
-
     def check_inputs(self, inputs: dict[str, str]) -> None:
         """The checkpoints this run starts from (key -> `file_identity`), recorded in each of its checkpoints. A run
         continued from another input than it started from is refused (its state would mix the two): call before
@@ -168,8 +156,6 @@ class Session:
         self.inputs = dict(inputs)
         if not self.resuming:
             return
-        from engine.checkpoint import load_checkpoint
-
         last = self.checkpoint_dir / "last.pt"
         saved = load_checkpoint(last, fix="delete it and run with overwrite=true, or give another name=...")
         recorded = saved.get("inputs")
@@ -211,14 +197,10 @@ class Session:
         return tensor
 
     # ---- data -------------------------------------------------------------------------------------------
-    def loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool = False, **kwargs):
-        """A DataLoader over this rank's share of `dataset`. `batch_size` is the global batch (split over ranks).
-
-        Shuffled loaders draw a fresh permutation on every pass, seeded by (seed, epoch, pass), identical on every
-        rank; augmentation draws from the CPU generator seeded per batch. Datasets with `set_epoch` are told the
-        epoch; datasets with `images_on` keep their uint8 images on the training GPU when `data_device` lets them
-        (then batches are gathered and augmented there, in the main process).
-        """
+    def loader(self, dataset, batch_size: int, shuffle: bool):
+        """A DataLoader over this rank's share of `dataset`; `batch_size` is the global batch (split over ranks).
+        Shuffled: see `ShardedShuffleSampler` and `SeededBatches`. Datasets with `set_epoch` are told the epoch;
+        datasets with `images_on` keep their uint8 images on the training GPU when `data_device` lets them."""
         if batch_size % self.world_size:
             raise UserError(f"batch size {batch_size} is not divisible by the {self.world_size} processes: "
                             f"choose a multiple of {self.world_size}")
@@ -227,19 +209,18 @@ class Session:
         if hasattr(dataset, "set_epoch"):
             self._epoch_listeners.append(dataset)
         if shuffle:
-            sampler = ShardedShuffleSampler(len(dataset), int(self.cfg.seed), self.rank, self.world_size,
-                                            local_batch, drop_last)
+            sampler = ShardedShuffleSampler(len(dataset), int(self.cfg.seed), self.rank, self.world_size, local_batch)
             self._epoch_listeners.append(sampler)
             dataset = SeededBatches(dataset)
-        else:
-            sampler = ShardSampler(len(dataset), self.rank, self.world_size)
+        else:  # evaluation: rank r takes items r, r + world_size, ... in order (no padding, every item once)
+            sampler = range(self.rank, len(dataset), self.world_size)
         # Images on the GPU are gathered and augmented in the main process: a worker process cannot use them.
         local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         workers = 0 if on_device else resolve_workers(self.cfg.num_workers, local_processes)
         return torch.utils.data.DataLoader(
-            dataset, batch_size=local_batch, sampler=sampler, drop_last=drop_last, num_workers=workers,
+            dataset, batch_size=local_batch, sampler=sampler, num_workers=workers,
             pin_memory=self.device.type == "cuda" and not on_device, worker_init_fn=_quiet_worker if workers else None,
-            persistent_workers=False, generator=torch.Generator(), **kwargs)
+            persistent_workers=False, generator=torch.Generator())
 
     def _images_on_device(self, dataset) -> tuple[object, bool]:
         """(`dataset` with its images on the training GPU, True) when data_device lets them be there (auto: when
@@ -270,8 +251,6 @@ class Session:
 
     # ---- training ---------------------------------------------------------------------------------------
     def fit(self, job, epochs: int) -> dict:
-        from engine.trainer import fit
-
         return fit(self, job, epochs)
 
     def barrier(self) -> None:

@@ -1,20 +1,12 @@
 """Settings declared once, next to the code that reads them, and checked before any work starts.
 
-A group of settings is a dataclass whose fields are made with `setting(default, rule, help)`: the key, its default,
-what it takes (a `Rule`, which checks a value and says it in words) and one line of help. A script's settings are
-the union of the dataclasses it inherits from (`class LearnLabelerSettings(EngineSettings, TaskSettings, ...)`);
-cross-key rules are functions listed in a dataclass's `relations`. Hydra gets the defaults from these declarations
-(`register`: a node of Hydra's ConfigStore that the script's YAML lists first); the YAML only gives the script's
-own default values. The docs' key tables and each script's `--help` are rendered from the same declarations.
+A group of settings is a dataclass of `setting(default, rule, help)` fields; a script's settings are the union of
+the dataclasses it inherits from, cross-key rules are the functions in their `relations`. Hydra's defaults, the
+docs' key tables and each script's `--help` all come from these declarations.
 
-Why our own rules rather than OmegaConf's typed fields: OmegaConf converts values (`lr=1` becomes 1.0, which would
-rename existing runs, whose names hash the values) and reports a bad one in Hydra's multi-line message; a rule
-keeps the value as written and gives one `error:` line naming the key, the value and what the key takes.
-
-`validate(cfg, script)` works on the composed, unresolved config: each group option's keys (`dataset.*`,
-`model.*`, declared by the dataset's and the model's code), then no missing mandatory value (`???`) and no
-interpolation that cannot be resolved, then every top-level key is declared and meets its rule, then the
-relations, then the run's name and the workspace, then the script's own checks (its data files).
+Our own rules rather than OmegaConf's typed fields: OmegaConf converts values (`lr=1` becomes 1.0, renaming runs,
+whose names hash the values) and reports a bad one in many lines; a rule keeps the value as written and gives one
+`error:` line naming the key, the value and what the key takes.
 """
 import copy
 import difflib
@@ -38,10 +30,6 @@ SHOWN_ITEMS = 4  # list entries quoted in a message
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
 
 
 def as_text(value) -> str:
@@ -110,7 +98,8 @@ class Number(Rule):
         return " ".join(["a number", *filter(None, bounds)])
 
     def accepts(self, value) -> bool:
-        return _is_number(value) and (self.minimum is None or value >= self.minimum) \
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return number and (self.minimum is None or value >= self.minimum) \
             and (self.above is None or value > self.above) and (self.below is None or value < self.below)
 
 
@@ -167,9 +156,7 @@ class Text(Rule):
                             if self.plain else "")
 
     def accepts(self, value) -> bool:
-        if not isinstance(value, str) or not value:
-            return False
-        return is_folder_name(value) if self.plain else True
+        return isinstance(value, str) and value != "" and (not self.plain or is_folder_name(value))
 
 
 @dataclass(frozen=True)
@@ -267,12 +254,8 @@ def neutral_keys(schema: type) -> frozenset[str]:
 
 def relations(schema: type) -> list:
     """The cross-key checks of `schema` and of the dataclasses it inherits from (each once)."""
-    seen = []
-    for klass in reversed(schema.__mro__):
-        for check in vars(klass).get("relations", ()):
-            if check not in seen:
-                seen.append(check)
-    return seen
+    checks = (check for klass in reversed(schema.__mro__) for check in vars(klass).get("relations", ()))
+    return list(dict.fromkeys(checks))
 
 
 def _resume_or_overwrite(cfg) -> str | None:
@@ -405,14 +388,11 @@ def _check_value(node: DictConfig, key: str, rule: Rule, dotted: str) -> None:
         raise UserError(f"{dotted}={as_text(value)}: {dotted} must be {rule.describe()}")
 
 
-def _check_declared(cfg: DictConfig, schema: type, script: str, groups) -> None:
-    keys = declared(schema)
-    for key in cfg.keys():
-        if key != "hydra" and key not in keys and key not in groups:
-            by_lower = {name.lower(): name for name in keys}
-            close = difflib.get_close_matches(key.lower(), list(by_lower), n=1)
-            hint = f": did you mean {by_lower[close[0]]}?" if close else f": see python {script}.py --help"
-            raise UserError(f"{key} is not a setting of {script}.py{hint}")
+def closest(name: str, names) -> str | None:
+    """The one of `names` nearest to `name` (ignoring case), if one is near."""
+    by_lower = {n.lower(): n for n in names}
+    close = difflib.get_close_matches(name.lower(), list(by_lower), n=1)
+    return by_lower[close[0]] if close else None
 
 
 def validate(cfg: DictConfig, script) -> None:
@@ -428,19 +408,21 @@ def validate(cfg: DictConfig, script) -> None:
         for key, d in declared(schema).items():
             if key in node.keys():
                 _check_value(node, key, d.rule, f"{group}.{key}")
-    _check_declared(cfg, script.settings, script.name, groups)
     keys = declared(script.settings)
+    for key in cfg.keys():
+        if key != "hydra" and key not in keys and key not in groups:
+            close = closest(key, keys)
+            hint = f": did you mean {close}?" if close else f": see python {script.name}.py --help"
+            raise UserError(f"{key} is not a setting of {script.name}.py{hint}")
     for key, d in keys.items():
-        if key in NAME_KEYS or key not in cfg.keys():
-            continue
-        _check_value(cfg, key, d.rule, key)
+        if key not in NAME_KEYS and key in cfg.keys():
+            _check_value(cfg, key, d.rule, key)
     for check in relations(script.settings):
         if message := check(cfg):
             raise UserError(message)
     for key in NAME_KEYS:
-        if key == "name" and OmegaConf.is_interpolation(cfg, key):
-            continue  # derived from the other settings
-        _check_value(cfg, key, keys[key].rule, key)
+        if key != "name" or not OmegaConf.is_interpolation(cfg, key):  # else derived from the other settings
+            _check_value(cfg, key, keys[key].rule, key)
     given = not OmegaConf.is_interpolation(cfg, "workspace")
     check_workspace(Path(cfg.workspace) if given else None, writable=script.writes_checkpoints)
     if script.writes_checkpoints:

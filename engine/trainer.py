@@ -1,13 +1,12 @@
 """The loop every training script runs: epochs of phases of steps, metrics, checkpoints (`last`, best per monitor),
 resume at an epoch end or in the middle of a phase, orderly stops on signals, and a stop on a diverging loss.
 
-A job's epoch is a list of `Phase`s, each a pass over a loader calling `step(batch, tracker)` per batch (MAXL: the
-multi-task pass, then the meta pass; MeLa: one pass). The engine owns the batch loop, so it can checkpoint between
-any two steps: on SIGTERM, SIGUSR1 or SIGINT (SLURM's pre-emption and time-limit signals, Ctrl-C), and every
-`checkpoint_every` minutes. Such a checkpoint holds the run's place (epoch, phase, step), the running metrics of the
-epoch and every RNG; loaders re-enter the pass at that batch with the same data (see `ShardedShuffleSampler`), so
-the continued run ends bit-identical (on CPU) to an uninterrupted one.
+The engine owns the batch loop, so it can checkpoint between any two steps: on SIGTERM, SIGUSR1 or SIGINT (SLURM's
+pre-emption and time-limit signals, Ctrl-C), and every `checkpoint_every` minutes. Such a checkpoint holds the
+run's place (epoch, phase, step), the epoch's running metrics and every RNG; loaders re-enter the pass at that
+batch with the same data (`ShardedShuffleSampler`), so the continued run ends bit-identical (on CPU).
 """
+import contextlib
 import json
 import logging
 import math
@@ -39,7 +38,8 @@ SUBMITIT_SIGNAL = getattr(signal, "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNA
 
 @dataclass
 class Phase:
-    """One pass of an epoch: `step(batch, tracker)` for every batch of `loader` (a shuffled `session.loader`)."""
+    """One pass of an epoch: `step(batch, tracker)` for every batch of `loader` (a shuffled `session.loader`).
+    MAXL's epoch: the multi-task pass, then the meta pass; MeLa's: one pass."""
 
     name: str
     loader: torch.utils.data.DataLoader
@@ -94,10 +94,8 @@ class StopSignals:
     def __enter__(self):
         wanted = STOP_SIGNALS + ((SUBMITIT_SIGNAL,) if os.environ.get("SUBMITIT_EXECUTOR") else ())
         for signum in wanted:
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (a test harness): run without orderly stops
                 self.previous[signum] = signal.signal(signum, self._note)
-            except ValueError:  # not the main thread (a test harness): run without orderly stops
-                pass
         return self
 
     def _note(self, signum, frame):
@@ -110,7 +108,6 @@ class StopSignals:
             signal.signal(signum, handler)
         if self.received == SUBMITIT_SIGNAL and callable(self.previous.get(SUBMITIT_SIGNAL)):
             self.previous[SUBMITIT_SIGNAL](SUBMITIT_SIGNAL, None)  # submitit requeues the job, then exits
-        return False
 
 
 def _agree(session, local: list[int]) -> list[int]:
@@ -120,22 +117,6 @@ def _agree(session, local: list[int]) -> list[int]:
     flags = torch.tensor(local, dtype=torch.int64, device=session.device)
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     return flags.tolist()
-
-
-def checkpoint_payload(session, job, epoch: int, history: list[dict], best: dict, rng_states: list,
-                       position: dict | None = None) -> dict:
-    return {
-        **job.checkpoint_extras(),  # first: the engine's entries win
-        "script": session.script,
-        "inputs": dict(getattr(session, "inputs", {})),  # the checkpoints the run started from (key -> sha256)
-        "epoch": epoch,  # the last completed epoch
-        "position": position,  # None at an epoch end; else where inside epoch + 1 the run stopped
-        "config": OmegaConf.to_yaml(session.cfg, resolve=True),
-        "state": {name: obj.state_dict() for name, obj in job.state_objects().items()},
-        "rng": rng_states,  # one entry per rank
-        "history": history,
-        "best": best,
-    }
 
 
 def _check_same_run(saved_yaml: str, session, path) -> None:
@@ -213,22 +194,18 @@ def _clock(seconds: float) -> str:
 
 def learning_rates(job) -> dict[str, float]:
     """The current learning rate of every optimiser of the job: `lr` for `optimizer`, `<x>_lr` for `<x>_optimizer`."""
-    rates = {}
-    for name, obj in job.state_objects().items():
-        if isinstance(obj, torch.optim.Optimizer):
-            key = "lr" if name == "optimizer" else f"{name.removesuffix('_optimizer')}_lr"
-            rates[key] = obj.param_groups[0]["lr"]
-    return rates
+    return {("lr" if name == "optimizer" else f"{name.removesuffix('_optimizer')}_lr"): obj.param_groups[0]["lr"]
+            for name, obj in job.state_objects().items() if isinstance(obj, torch.optim.Optimizer)}
 
 
-def rounded(value, digits: int = 6):
-    """Floats of a summary to `digits` decimals (float noise such as 0.30000000000000004 is not information)."""
+def rounded(value):
+    """Floats of a summary to 6 decimals (float noise such as 0.30000000000000004 is not information)."""
     if isinstance(value, float):
-        return round(value, digits)
+        return round(value, 6)
     if isinstance(value, dict):
-        return {k: rounded(v, digits) for k, v in value.items()}
+        return {k: rounded(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [rounded(v, digits) for v in value]
+        return [rounded(v) for v in value]
     return value
 
 
@@ -305,7 +282,9 @@ class Run:
                     raise
                 self._diverged(f"an update overflowed at epoch {self.epoch + 1}/{self.epochs} step {step} "
                                f"({str(exc).strip().splitlines()[0]})", phase.name)
-            stop, due = self._stop_or_due(signals)
+            # the signal asking to stop, and whether checkpoint_every minutes have passed: the same on every rank
+            due = self.every > 0 and session.is_main and time.monotonic() - self.last_save >= self.every
+            stop, due = _agree(session, [signals.received or 0, int(due)])
             if (stop or due) and step + 1 < steps:
                 self._save_place(index, phase, step + 1, tracker)
                 if stop:
@@ -331,19 +310,16 @@ class Run:
             self.best[name] = row[self.job.monitors[name]]
         if self.session.is_main:
             self.writer.write(row)
-            self._log_epoch(row)
+            elapsed = time.perf_counter() - self.began  # in this process: epochs start..epoch
+            eta = elapsed / (epoch - self.start + 1) * (self.epochs - epoch - 1)
+            log.info(f"epoch {epoch + 1}/{self.epochs} ({_clock(elapsed)} elapsed, ETA {_clock(eta)}): "
+                     + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                 for k, v in row.items() if k != "epoch"))
         self._save(epoch, None, improved)
         stop = _agree(self.session, [signals.received or 0])[0]
         if stop and epoch + 1 < self.epochs:
             raise RunInterrupted(f"interrupted by {signal.Signals(stop).name} after epoch {epoch + 1}/{self.epochs}; "
                                  f"{self.last_path} holds it: run the same command again to continue", 128 + stop)
-
-    def _log_epoch(self, row: dict) -> None:
-        elapsed = time.perf_counter() - self.began  # in this process: epochs start..epoch
-        eta = elapsed / (self.epoch - self.start + 1) * (self.epochs - self.epoch - 1)
-        log.info(f"epoch {self.epoch + 1}/{self.epochs} ({_clock(elapsed)} elapsed, ETA {_clock(eta)}): "
-                 + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                             for k, v in row.items() if k != "epoch"))
 
     # ---- the end ----------------------------------------------------------------------------------------------
     def finish(self) -> dict:
@@ -366,12 +342,6 @@ class Run:
         return summary
 
     # ---- checkpoints and stops --------------------------------------------------------------------------------
-    def _stop_or_due(self, signals: StopSignals) -> list[int]:
-        """[the signal asking to stop, or 0; 1 when `checkpoint_every` minutes have passed since the last save],
-        the same on every rank."""
-        due = self.every > 0 and self.session.is_main and time.monotonic() - self.last_save >= self.every
-        return _agree(self.session, [signals.received or 0, int(due)])
-
     def _save_place(self, index: int, phase: Phase, steps_done: int, tracker: MeanTracker) -> None:
         """`last.pt` holding the place inside the epoch: the epoch before it is the last completed one."""
         self._check_finite(tracker, phase.name, 0)
@@ -381,12 +351,22 @@ class Run:
         self._save(self.epoch - 1, here)
 
     def _save(self, epoch_done: int, position: dict | None = None, improved=()) -> None:
-        rng_states = gather_objects(capture_rng_state())
-        if self.session.is_main:
-            payload = checkpoint_payload(self.session, self.job, epoch_done, self.history, self.best, rng_states,
-                                         position)
+        session, rng_states = self.session, gather_objects(capture_rng_state())
+        if session.is_main:
+            payload = {
+                **self.job.checkpoint_extras(),  # first: the engine's entries win
+                "script": session.script,
+                "inputs": dict(getattr(session, "inputs", {})),  # the checkpoints the run started from (key -> sha256)
+                "epoch": epoch_done,  # the last completed epoch
+                "position": position,  # None at an epoch end; else where inside epoch + 1 the run stopped
+                "config": OmegaConf.to_yaml(session.cfg, resolve=True),
+                "state": {name: obj.state_dict() for name, obj in self.job.state_objects().items()},
+                "rng": rng_states,  # one entry per rank
+                "history": self.history,
+                "best": self.best,
+            }
             for name in improved:
-                save_checkpoint(self.session.checkpoint_dir / f"{name}.pt", payload)
+                save_checkpoint(session.checkpoint_dir / f"{name}.pt", payload)
             save_checkpoint(self.last_path, payload)
         self.last_save = time.monotonic()
 
