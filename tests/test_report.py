@@ -110,6 +110,20 @@ def test_paired_comparison_over_common_seeds_equals_ttest_rel(sweep, tmp_path, c
     assert f"= {diffs.mean():+.4f}" in by_number
 
 
+def test_groups_without_a_common_seed_say_so(tmp_path, capsys):
+    for method, seeds in (("single", (0, 1)), ("maxl", (2, 3))):
+        for seed in seeds:
+            write_run(tmp_path / "runs" / f"{method}_s{seed}", method=method, seed=seed, name=f"{method}_s{seed}",
+                      summary={"epochs": 3, "test/acc_last5_mean": 0.5 + seed / 10})
+    out = run_report(capsys, tmp_path / "runs", "--compare", "method=maxl", "method=single", "--json",
+                     tmp_path / "t.json")
+    [comparison] = json.loads((tmp_path / "t.json").read_text())["comparisons"]
+    assert comparison["n"] == 0 and comparison["unpaired"] == [0, 1, 2, 3]
+    assert ("test/acc_last5_mean: #1 (method=maxl) - #2 (method=single): no seed has one run in each group, nothing "
+            "to compare; seeds in one group only, left out: 0,1,2,3") in out
+    assert "nan" not in out
+
+
 def test_pairs_match_on_the_other_settings(tmp_path, capsys):
     """maxl vs single per level pair: each maxl group is paired with the single group of the same levels."""
     pairs = ((3, 20), (10, 20), (10, 100))  # neither level alone tells them apart
