@@ -1,14 +1,13 @@
 """`make gpu_check` (bench/gpu_check.py) on the CPU at toy sizes, so that it cannot rot where no GPU is: every script
 and bench runs and is checked, and the tables say what ran, where and for how many steps."""
-import contextlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from conftest import ROOT, Forked
+from conftest import ROOT
 
 STEPS = 5
 TOY = ["--device", "cpu", "--steps", str(STEPS), "--width", "0.125", "--image-size", "32", "--batch-size", "80",
@@ -27,23 +26,12 @@ def gpu_check():
     del sys.modules["gpu_check"]
 
 
-def gpu_check_main(argv: list[str], stdout: Path) -> int:
-    """A target for `Forked`: `python bench/gpu_check.py argv...`, its stdout into `stdout`."""
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    with open(stdout, "w") as stream, contextlib.redirect_stdout(stream):
-        return module.main(argv)
-
-
 def test_every_script_and_bench_runs_and_is_checked_on_the_cpu(tmp_path):
     out = tmp_path / "gpu_check"
-    # a process forked from this one (gpu_check forks its runs): without a new interpreter's imports
-    status, stderr = Forked(gpu_check_main, [*TOY, "--out", str(out)], tmp_path / "stdout.txt", cwd=tmp_path,
-                            output=tmp_path / "stderr.txt").communicate(900)
-    stdout = (tmp_path / "stdout.txt").read_text()
-    assert status == 0, stdout + stderr[-5000:]
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), *TOY, "--out", str(out)],
+                            capture_output=True, text=True, timeout=900, cwd=tmp_path,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert result.returncode == 0, result.stdout + result.stderr[-5000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["device"] == "cpu" and report["device_name"] == "cpu" and report["passed"]
     # the steps each run's own records show: one epoch of STEPS batches; MAXL adds a meta step to each
@@ -73,7 +61,7 @@ def test_every_script_and_bench_runs_and_is_checked_on_the_cpu(tmp_path):
     assert benches["bench_data"]["rows"]
 
     markdown = (out / "gpu_check.md").read_text()
-    assert stdout == markdown  # printed as written
+    assert result.stdout == markdown  # printed as written
     for title, steps in exact.items():
         assert f"| {title} | fp32 | pass | {steps} |" in markdown
     assert "| meta_eval.py | fp32 | pass |  |" in markdown
