@@ -83,9 +83,7 @@ def study_args(*extra):
 
 
 def planned(args):
-    keys = {script: set(compose(SCRIPTS[script], ["dataset=synthetic_fs"]).keys()) | {"hydra"}
-            for script in (*pipeline.TRAINING, pipeline.EVALUATION)}
-    chains = pipeline.chains(args, pipeline.distribute(args.overrides, keys))
+    chains = pipeline.chains(args, pipeline.distribute(args.overrides, pipeline.script_keys()))
     for chain in chains:
         pipeline.plan(chain)
     return chains
@@ -323,15 +321,18 @@ def test_every_mela_dataset_carries_labeler_defaults_that_fit_it(workspace):
         "labeler_resnet12_miniImageNet_nways5_nshots5_no-replace_q3.5_3_s0"  # as before the per-dataset defaults
 
 
+def test_the_keys_the_pipeline_hands_out_are_those_of_each_scripts_config():
+    for script, keys in pipeline.script_keys().items():
+        assert keys == set(compose(SCRIPTS[script], ["dataset=synthetic_fs"]).keys()) | {"hydra"}, script
+
+
 @pytest.mark.parametrize("overrides", [[], ["epochs=1", "model.width_mult=0.125"]])
 def test_make_pipeline_plans_its_default_chain(workspace, overrides):
     """`make pipeline` (synthetic_fs) and `make pipeline ARGS='epochs=1 model.width_mult=0.125'`: every step
     composes and validates; the labeler's K needs no more tasks than it gets."""
     args = argparse.Namespace(dataset=["synthetic_fs"], model=None, seed=None, name="pipeline", out=None,
                               python="python", overrides=overrides)
-    keys = {script: set(compose(SCRIPTS[script], ["dataset=synthetic_fs"]).keys()) | {"hydra"}
-            for script in (*pipeline.TRAINING, pipeline.EVALUATION)}
-    [chain] = pipeline.chains(args, pipeline.distribute(overrides, keys))
+    [chain] = pipeline.chains(args, pipeline.distribute(overrides, pipeline.script_keys()))
     pipeline.plan(chain)
     labeler = chain.training[1].cfg
     assert labeler.K // labeler.n_ways <= labeler.train_db_size and not labeler.no_replacement

@@ -23,7 +23,7 @@ from engine.checkpoint import file_identity, load_checkpoint
 from engine.config import leaves
 from engine.entry import compose
 from engine.errors import UserError
-from engine.settings import neutral_keys
+from engine.settings import declared, neutral_keys
 from methods.fewshot_eval import read_results, results_table
 from methods.scripts import SCRIPTS
 
@@ -68,6 +68,13 @@ class Chain:
     folder: Path
     training: list[Step] = field(default_factory=list)
     evaluations: list[Step] = field(default_factory=list)
+
+
+def script_keys() -> dict[str, set[str]]:
+    """script -> the top-level keys of its config: its declared settings and config groups (validation refuses any
+    other key), and Hydra's node."""
+    return {script: set(declared(SCRIPTS[script].settings)) | set(SCRIPTS[script].groups) | {"hydra"}
+            for script in (*TRAINING, EVALUATION)}
 
 
 def distribute(overrides: list[str], keys: dict[str, set[str]]) -> dict[str, list[str]]:
@@ -234,9 +241,7 @@ def main(argv=None):
     try:
         if "/" in args.name or not args.name.strip():
             raise UserError(f"--name {args.name!r}: a run name has no '/' and is not empty")
-        keys = {script: set(compose(SCRIPTS[script], [f"dataset={split_values(args.dataset)[0]}"]).keys()) | {"hydra"}
-                for script in (*TRAINING, EVALUATION)}
-        study = chains(args, distribute(args.overrides, keys))
+        study = chains(args, distribute(args.overrides, script_keys()))
         for chain in study:
             plan(chain)
         for chain in study:
