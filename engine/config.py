@@ -89,6 +89,15 @@ def _default_leaves(cfg: DictConfig, script: Script, choices: tuple) -> dict:
     return leaves(defaults, skip=unnamed_settings(script), strict=False)
 
 
+def changed_setting(saved_yaml: str, cfg, script: Script) -> tuple[str, object, object] | None:
+    """The first setting (key, saved, now) in which a checkpoint's run differs from `cfg`, if any; the neutral
+    settings may differ (a continued run may change them)."""
+    skip = neutral_keys(script.settings) | {"hydra"}
+    saved, current = leaves(OmegaConf.create(saved_yaml), skip=skip), leaves(cfg, skip=skip)
+    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+    return (changed[0], saved.get(changed[0]), current.get(changed[0])) if changed else None
+
+
 def derive_name(cfg: DictConfig, script: Script, choices: dict) -> str:
     """`<run_prefix>_s<seed>[_<hash>]` for a validated config (see the module docstring)."""
     groups = tuple((g, str(choices[g])) for g in PREFIX_GROUPS if choices.get(g))

@@ -21,12 +21,11 @@ import torch
 from omegaconf import OmegaConf
 
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.config import leaves
+from engine.config import changed_setting
 from engine.distributed import gather_objects, is_distributed
 from engine.errors import RunInterrupted, UserError
 from engine.metrics import MeanTracker, MetricsWriter
 from engine.rng import capture_rng_state, restore_rng_state, seed_everything
-from engine.settings import neutral_keys
 
 log = logging.getLogger("metalabel")
 
@@ -121,16 +120,10 @@ def _agree(session, local: list[int]) -> list[int]:
 
 def _check_same_run(saved_yaml: str, session, path) -> None:
     """The checkpoint's settings are this run's, bar the neutral ones (which a continued run may change)."""
-    cfg = session.cfg
-    skip = neutral_keys(session.spec.settings) | {"hydra"}
-    saved = leaves(OmegaConf.create(saved_yaml), skip=skip)
-    current = leaves(cfg, skip=skip)
-    changed = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if changed:
-        key = changed[0]
-        raise UserError(f"run {cfg.name} has a checkpoint {path} written with {key}={saved.get(key)} (now "
-                        f"{current.get(key)}): use the same settings, overwrite=true to start it again, or a new "
-                        f"name=... to start another run")
+    if changed := changed_setting(saved_yaml, session.cfg, session.spec):
+        key, saved, now = changed
+        raise UserError(f"run {session.cfg.name} has a checkpoint {path} written with {key}={saved} (now {now}): use "
+                        f"the same settings, overwrite=true to start it again, or a new name=... to start another run")
 
 
 def _check_not_longer(payload: dict, session, epochs: int, path) -> None:

@@ -20,10 +20,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from engine.checkpoint import file_identity, load_checkpoint
-from engine.config import leaves
+from engine.config import changed_setting
 from engine.entry import compose
 from engine.errors import UserError
-from engine.settings import declared, neutral_keys
+from engine.settings import declared
 from methods.fewshot_eval import read_results, results_table
 from methods.scripts import SCRIPTS
 
@@ -131,16 +131,6 @@ def chains(args, given: dict[str, list[str]]) -> list[Chain]:
     return found
 
 
-def changed_setting(saved_yaml: str, cfg, script: str) -> tuple[str, object, object] | None:
-    """The first setting (key, saved, asked) that differs between a checkpoint's run and `cfg`, if any; the
-    neutral settings may differ (the engine's resume compares the same)."""
-    away = neutral_keys(SCRIPTS[script].settings) | {"hydra"}
-    saved = leaves(OmegaConf.create(saved_yaml), skip=away)
-    asked = leaves(cfg, skip=away)
-    changed = sorted(k for k in set(saved) | set(asked) if saved.get(k) != asked.get(k))
-    return (changed[0], saved.get(changed[0]), asked.get(changed[0])) if changed else None
-
-
 def last_checkpoint(step: Step) -> Path:
     return Path(step.cfg.checkpoint_dir) / step.cfg.name / "last.pt"
 
@@ -178,7 +168,7 @@ def plan(chain: Chain) -> None:
             if payload.get("script") != step.script:
                 raise UserError(f"{last} was written by {payload.get('script')}.py, not {step.script}.py: give the "
                                 f"pipeline another --name")
-            if changed := changed_setting(payload["config"], step.cfg, step.script):
+            if changed := changed_setting(payload["config"], step.cfg, SCRIPTS[step.script]):
                 key, saved, asked = changed
                 raise UserError(f"{step.script}: run {step.name} exists with {key}={saved} (asked: {asked}): give "
                                 f"the pipeline another --name, or overwrite=true to run every step again")
@@ -194,7 +184,8 @@ def plan(chain: Chain) -> None:
         results, config = step.run_dir / "results.json", step.run_dir / "config.yaml"
         up_to_date = results.is_file() and config.is_file() and not older_than_input(results, trained) \
             and scored_checkpoint_unchanged(results)
-        step.action = "skip" if up_to_date and not changed_setting(config.read_text(), step.cfg, step.script) else "run"
+        current = up_to_date and not changed_setting(config.read_text(), step.cfg, SCRIPTS[step.script])
+        step.action = "skip" if current else "run"
 
 
 def launch(python: str, step: Step) -> None:
