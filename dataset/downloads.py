@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from tqdm import tqdm
 
 from engine.errors import UserError
+from engine.workspace import written_atomically
 
 FIGSHARE = "https://figshare.com/ndownloader/files"
 ARCHIVES = {  # archive name -> the original address
@@ -196,16 +197,10 @@ def manifest_path(target: Path) -> Path:
     return target.with_name(target.name + ".sha256")
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_manifest(target: Path, digest: str, size: int, url: str) -> None:
     """NAME.tar.gz.sha256 in sha256sum's format (`sha256sum -c` checks it; it skips the # lines)."""
-    _write_atomically(manifest_path(target), f"# metalabel download manifest, from {url}\n# size: {size}\n"
-                                             f"{digest}  {target.name}\n")
+    with written_atomically(manifest_path(target)) as tmp:
+        tmp.write_text(f"# metalabel download manifest, from {url}\n# size: {size}\n{digest}  {target.name}\n")
 
 
 def read_manifest(target: Path) -> tuple[str, int] | None:
@@ -348,7 +343,8 @@ def _transfer(name: str, url: str, part: Path) -> tuple[int, bool]:
         what = None if start else describe_non_archive(first)
         if what:
             raise UserError(f"{url} served {what} instead of the archive: {MIRROR_FIX}")
-        _write_atomically(_resume_state_path(part), json.dumps(state))
+        with written_atomically(_resume_state_path(part)) as tmp:
+            tmp.write_text(json.dumps(state))
         complete = _copy(response, first, part, start, end, name)
     size = part.stat().st_size
     if end is not None and size > end:

@@ -127,8 +127,8 @@ def _own_files(cfg) -> dict[str, Path]:
         if path.is_dir():
             if not (path / LEVELS_CSV).is_file():
                 raise UserError(f"dataset.{split}_file={path} is a folder without {LEVELS_CSV}: add "
-                                f"{path / LEVELS_CSV} (columns file, then one per level) or name an .npz, .pkl or .csv "
-                                f"file")
+                                f"{path / LEVELS_CSV} (columns file, then one per level) or name an .npz, .pkl or "
+                                f".csv file")
             files[split] = path / LEVELS_CSV
         elif files[split].suffix.lower() not in OWN_SUFFIXES:
             raise UserError(f"dataset.{split}_file={path}: a {path.suffix or 'suffix-less'} file is not read; give an "

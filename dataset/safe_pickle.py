@@ -3,11 +3,11 @@
 Only plain containers, numbers, strings, bytes and numpy arrays may be reconstructed; anything else (a pickle
 that would import and call a function) is refused. Python-2 pickles load with latin1 decoding.
 """
-import os
 import pickle
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.workspace import written_atomically
 
 _ALLOWED = {
     ("builtins", name) for name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "complex",
@@ -77,9 +77,5 @@ def load_pickle(path: Path, make_target: str | None = None):
 
 def save_pickle(path: Path, content) -> None:
     """Write a data pickle atomically (temporary file, then rename): readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
+    with written_atomically(path) as tmp, open(tmp, "wb") as handle:
         pickle.dump(content, handle, protocol=4)
-    os.replace(tmp, path)

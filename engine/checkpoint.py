@@ -1,6 +1,5 @@
 """Checkpoints: written atomically, loaded with `weights_only=True`, found by name or path."""
 import hashlib
-import os
 import pickle
 import re
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import UserError
+from engine.workspace import written_atomically
 
 
 def file_identity(path: Path) -> str:
@@ -23,11 +23,8 @@ def file_identity(path: Path) -> str:
 
 def save_checkpoint(path: Path, payload: dict) -> None:
     """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: Path, fix: str) -> dict:

@@ -62,13 +62,13 @@ def labeler_centroids(cfg, session, keys: torch.Tensor, feat_dim: int) -> torch.
     clustering of the task keys."""
     saved = session.checkpoint_dir / CENTROIDS_FILE
     if cfg.pretrained_centroids:
-        centroids, _ = labeler.load_centroids(Path(str(cfg.pretrained_centroids)), feat_dim)
-        session.log.info(f"labeler: {len(centroids)} centroids from {cfg.pretrained_centroids}")
+        source, origin = Path(str(cfg.pretrained_centroids)), str(cfg.pretrained_centroids)
     elif session.resuming and saved.is_file():
-        centroids, _ = labeler.load_centroids(saved, feat_dim)
-        session.log.info(f"labeler: {len(centroids)} centroids from this run's {saved}")
+        source, origin = saved, f"this run's {saved}"
     else:
         return labeler.cluster(keys, cfg.K, cfg.std_factor, cfg.seed).centroids
+    centroids, _ = labeler.load_centroids(source, feat_dim)
+    session.log.info(f"labeler: {len(centroids)} centroids from {origin}")
     return centroids
 
 

@@ -381,11 +381,11 @@ def table(groups: list[Group], keys: list[str], metrics: list[str], stats: dict)
 
 
 def comparison_line(c: dict) -> str:
-    head = f"{c['metric']}: #{c['a']} ({c['a_label']}) - #{c['b']} ({c['b_label']}) = {c['mean']:+.4f}"
+    pair = f"{c['metric']}: #{c['a']} ({c['a_label']}) - #{c['b']} ({c['b_label']})"
+    head = f"{pair} = {c['mean']:+.4f}"
     seeds = ",".join(show(s) for s in c["seeds"])
     if c["n"] == 0:
-        head = f"{c['metric']}: #{c['a']} ({c['a_label']}) - #{c['b']} ({c['b_label']})"
-        text = f"{head}: no seed has one run in each group, nothing to compare"
+        text = f"{pair}: no seed has one run in each group, nothing to compare"
     elif c["n"] < 2:
         text = f"{head}, n={c['n']} seed ({seeds}): no interval or p-value with one pair"
     else:

@@ -9,7 +9,6 @@ Labels run on across the splits (train first), as miniImageNet's global ids do. 
 atomically; `generated_with.json` records the settings, and other settings regenerate them.
 """
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch.nn.functional as F
 from dataset.fewshot.layouts import MINI_IMAGENET_FILES, SPLITS
 from dataset.safe_pickle import save_pickle
 from engine.errors import UserError
+from engine.workspace import written_atomically
 
 PATTERN_CELLS = 4  # each class pattern is a 4x4 grid of random colours, smoothly upsampled
 NOISE_STD = 24.0
@@ -77,7 +77,6 @@ def ensure_synthetic_fewshot(directory: Path, classes: dict, images_per_class: i
         labels = np.repeat(np.arange(first_label, first_label + n), settings["images_per_class"])
         save_pickle(directory / MINI_IMAGENET_FILES[split], {"data": images, "labels": labels.tolist()})
         first_label += n
-    tmp = stamp.with_name(f".{stamp.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(settings, indent=2))
-    os.replace(tmp, stamp)
+    with written_atomically(stamp) as tmp:
+        tmp.write_text(json.dumps(settings, indent=2))
     return directory

@@ -23,7 +23,7 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from any directory
 
 from engine.errors import UserError  # noqa: E402
-from engine.workspace import data_root  # noqa: E402
+from engine.workspace import data_root, written_atomically  # noqa: E402
 
 SPLIT_LISTS = Path(__file__).resolve().parents[1] / "resources" / "imagenet_splits"
 SPLITS = ("train", "val", "test")
@@ -93,21 +93,20 @@ def generate(imagenet_dir: Path, n_classes: int, per_class: int, splits: str, se
     with ThreadPoolExecutor(max_workers=workers) as pool:  # Pillow decodes and resizes without holding the GIL
         for split in SPLITS:
             synsets = chosen[split]
-            tmp = output / f".{FILE_STEMS[split]}_images.npy.tmp"
-            images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                               shape=(len(synsets) * per_class, image_size, image_size, 3))
-            for c, synset in enumerate(tqdm(synsets, desc=f"{split} classes", unit="class")):
-                files = [images_of[synset][i] for i in rng.choice(len(images_of[synset]), per_class, replace=False)]
-                for i, image in enumerate(pool.map(partial(load_image, size=image_size), files)):
-                    images[c * per_class + i] = image
-            images.flush()
-            del images
-            os.replace(tmp, output / f"{FILE_STEMS[split]}_images.npy")
+            with written_atomically(output / f"{FILE_STEMS[split]}_images.npy") as tmp:
+                images = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                                   shape=(len(synsets) * per_class, image_size, image_size, 3))
+                for c, synset in enumerate(tqdm(synsets, desc=f"{split} classes", unit="class")):
+                    files = [images_of[synset][i]
+                             for i in rng.choice(len(images_of[synset]), per_class, replace=False)]
+                    for i, image in enumerate(pool.map(partial(load_image, size=image_size), files)):
+                        images[c * per_class + i] = image
+                images.flush()
+                del images
             labels = np.repeat(np.arange(first_label, first_label + len(synsets), dtype=np.int64), per_class)
-            tmp = output / f".{FILE_STEMS[split]}_labels.npy.tmp"
-            with open(tmp, "wb") as handle:  # a handle: np.save would add .npy to the temporary name
+            # a handle: np.save would add .npy to the temporary name
+            with written_atomically(output / f"{FILE_STEMS[split]}_labels.npy") as tmp, open(tmp, "wb") as handle:
                 np.save(handle, labels)
-            os.replace(tmp, output / f"{FILE_STEMS[split]}_labels.npy")
             first_label += len(synsets)
     (output / "synsets.json").write_text(json.dumps(chosen, indent=1))
     return chosen
